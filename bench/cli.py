@@ -1,0 +1,139 @@
+"""The `robench` command line.
+
+    robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
+    robench evaluate RUN_DIR
+    robench leaderboard [--results DIR] [--out DIR]
+    robench list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.config import METHODS, ConfigError, RunSpec, list_suites, load_suite, parse_defense_arg
+from bench.data import DataNotFoundError
+from bench.records import RecordError
+
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="results", help="results folder (default: results/)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset folder (default: $ROBENCH_DATA or ~/.cache/robench/data)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robench", description="ROBench: a fair leaderboard of defenses against robust "
+        "overfitting in adversarial training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate one run")
+    run.add_argument("--suite", default="fmnist-quick",
+                     help=f"suite name or path to a .toml ({', '.join(list_suites())})")
+    run.add_argument("--method", default="at", help=f"base method: {', '.join(METHODS)}")
+    run.add_argument("--defense", action="append", default=[], metavar="NAME[:k=v,...]",
+                     help="a defense (repeatable): registered name or path/to/file.py:Class")
+    run.add_argument("--seed", type=int, default=None, help="seed (default: the suite's first)")
+    _add_common(run)
+
+    ev = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
+    ev.add_argument("run_dir")
+    ev.add_argument("--suite", default=None, help="suite file, if not a built-in suite")
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--quiet", action="store_true")
+
+    lb = sub.add_parser("leaderboard", help="compile every record.json into tables")
+    lb.add_argument("--results", default="results")
+    lb.add_argument("--out", default=None, help="output folder (default: RESULTS/leaderboard)")
+
+    sub.add_parser("list", help="suites, methods and defenses with their cards")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import run_one
+
+    suite = load_suite(args.suite)
+    defenses = tuple(parse_defense_arg(d) for d in args.defense)
+    seed = suite.seeds[0] if args.seed is None else args.seed
+    spec = RunSpec(suite=suite.name, method=args.method, defenses=defenses, seed=seed)
+    result = run_one(spec, Path(args.results), data_root=args.data_root, device=args.device,
+                     progress=not args.quiet, suite=suite)
+    record = json.loads(result.record_path.read_text())
+    m = record["metrics"]["model"]
+    aa = m["last"].get("autoattack")
+    print(f"{spec.row_name} seed {spec.seed}: last clean {m['last']['clean']:.4f}, "
+          f"PGD-20 {m['last']['pgd20']:.4f}, AutoAttack "
+          f"{'n/a' if aa is None else f'{aa:.4f}'}; best epoch "
+          f"{record['history']['best_epoch']}")
+    print(f"record: {result.record_path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bench.engine import pick_device
+    from bench.evaluate import evaluate_run
+    from bench.runner import splits_for
+
+    run_dir = Path(args.run_dir)
+    spec_path = run_dir / "spec.json"
+    if not spec_path.exists():
+        raise RecordError(f"{run_dir} is not a run folder (no spec.json)")
+    spec = RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
+    suite = load_suite(args.suite or spec.suite)
+    evaluate_run(run_dir, suite, splits_for(suite, args.data_root),
+                 device=pick_device(args.device), progress=not args.quiet)
+    print(f"record: {run_dir / 'record.json'}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from leaderboard.compile import write_leaderboard
+
+    out = Path(args.out) if args.out else Path(args.results) / "leaderboard"
+    paths = write_leaderboard(Path(args.results), out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from defenses.base import list_defenses
+
+    print("Suites:")
+    for name in list_suites():
+        suite = load_suite(name)
+        print(f"  {name:18s} {suite.description}")
+    print("Methods:", ", ".join(METHODS))
+    print("Defenses:")
+    for name, cls in list_defenses().items():
+        card = cls.card
+        print(f"  {name:10s} {card.name}: {card.paper} ({card.venue}) {card.link}")
+        print(f"  {'':10s} parameters {cls.params}; methods {list(cls.methods) or 'all'}; "
+              f"slots {list(cls.slots) or 'none'}; extra data: {card.extra_data}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "leaderboard": cmd_leaderboard,
+            "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"robench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

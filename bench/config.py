@@ -1,0 +1,325 @@
+"""Frozen protocol objects: a `Suite` (everything that is not the defense) and a
+`RunSpec` (one run: suite, method, defenses with parameters, seed).
+
+Suites are TOML files under `bench/suites/` (see PROTOCOL.md). Every number that
+is a pixel-scale quantity may be written as a fraction string such as "8/255".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SUITES_DIR = Path(__file__).parent / "suites"
+METHODS = ("at", "trades", "fgsm_rs", "n_fgsm", "standard")
+
+
+class ConfigError(ValueError):
+    """A suite file or a run specification is invalid."""
+
+
+def parse_number(value: Any, where: str) -> float:
+    """Accept a number or a fraction string like "8/255"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ConfigError(f"{where}: cannot read {value!r} as a number or fraction") from exc
+    raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str  # cifar10 | cifar100 | svhn | fashion-mnist | npz:<dir> | synthetic
+    train_size: int = 0  # class-balanced subset of the training split; 0 = all
+    val_size: int = 1000  # held out from the training split with a fixed seed
+    test_size: int = 0  # evaluation subset of the test split; 0 = all
+    label_noise: float = 0.0  # fraction of training labels flipped at random (fixed seed)
+    augment: str = "crop_flip"  # crop_flip | flip | none
+    crop_padding: int = 4
+    split_seed: int = 0  # seed of the validation split, subsets and label noise
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # preact_resnet18 | wide_resnet | small_cnn
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  # piecewise | cyclic | constant
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training (piecewise)
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate (piecewise)
+    cyclic_peak: float = 0.4  # fraction of training at which the cyclic lr peaks
+    eps: float = 8 / 255
+    eps_ramp_epochs: float = 0.0  # linear epsilon ramp (SVHN)
+    attack_steps: int = 10
+    attack_step_size: float = 2 / 255
+    fgsm_step_size: float = 0.0  # FGSM-RS step; 0 = 1.25 eps
+    trades_beta: float = 6.0
+    attack_bn: str = "train"  # train | eval: BatchNorm mode while attacking (PGD-AT)
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    size: int = 1000  # images of validation split and of the fixed training subset
+    attack_steps: int = 10
+    step_ratio: float = 0.25  # step = ratio * eps
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    pgd_steps: int = 20
+    pgd_step_ratio: float = 0.25
+    cw_steps: int = 20
+    autoattack: str = "standard"  # standard | reduced | none
+    batch_size: int = 500
+    sanity_checks: bool = True
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    curves: CurveConfig
+    eval: EvalConfig
+    defense_overrides: dict = field(default_factory=dict)  # {defense: {param: value}}
+    source_hash: str = ""  # sha256 of the TOML file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _section(raw: dict, name: str, where: str) -> dict:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    return dict(value)
+
+
+def _build(cls, values: dict, where: str, fractions: tuple[str, ...] = ()):
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}"
+        )
+    for key in fractions:
+        if key in values:
+            values[key] = parse_number(values[key], f"{where}.{key}")
+    for key, value in list(values.items()):
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def parse_suite(text: str, name: str, where: str) -> Suite:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    data_raw = _section(raw, "data", where)
+    model_raw = _section(raw, "model", where)
+    if "dataset" not in data_raw:
+        raise ConfigError(f"{where}: [data] needs a 'dataset' key")
+    if "name" not in model_raw:
+        raise ConfigError(f"{where}: [model] needs a 'name' key")
+    model = ModelConfig(name=model_raw.pop("name"), kwargs=model_raw)
+    train_raw = _section(raw, "train", where)
+    if "epochs" not in train_raw:
+        raise ConfigError(f"{where}: [train] needs an 'epochs' key")
+    train = _build(
+        TrainConfig, train_raw, f"{where} [train]",
+        fractions=("eps", "attack_step_size", "fgsm_step_size", "lr", "weight_decay"),
+    )
+    if train.schedule not in ("piecewise", "cyclic", "constant"):
+        raise ConfigError(
+            f"{where} [train]: schedule {train.schedule!r} is not one of "
+            "piecewise, cyclic, constant"
+        )
+    if train.attack_bn not in ("train", "eval"):
+        raise ConfigError(f"{where} [train]: attack_bn must be 'train' or 'eval'")
+    data = _build(DataConfig, data_raw, f"{where} [data]")
+    if data.augment not in ("crop_flip", "flip", "none"):
+        raise ConfigError(f"{where} [data]: augment must be crop_flip, flip or none")
+    if not 0.0 <= data.label_noise < 1.0:
+        raise ConfigError(f"{where} [data]: label_noise must be in [0, 1)")
+    curves = _build(CurveConfig, _section(raw, "curves", where), f"{where} [curves]")
+    evaluation = _build(EvalConfig, _section(raw, "eval", where), f"{where} [eval]")
+    if evaluation.autoattack not in ("standard", "reduced", "none"):
+        raise ConfigError(f"{where} [eval]: autoattack must be standard, reduced or none")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
+    overrides = _section(raw, "defenses", where)
+    return Suite(
+        name=raw.get("name", name),
+        description=raw.get("description", ""),
+        seeds=tuple(seeds),
+        data=data,
+        model=model,
+        train=train,
+        curves=curves,
+        eval=evaluation,
+        defense_overrides=overrides,
+        source_hash=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def list_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Load a suite by name (`bench/suites/NAME.toml`) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        return parse_suite(path.read_text(), path.stem, str(path))
+    candidate = SUITES_DIR / f"{name_or_path}.toml"
+    if not candidate.exists():
+        raise ConfigError(
+            f"unknown suite {name_or_path!r}; valid suites are {list_suites()} "
+            f"(or give a path to a .toml file)"
+        )
+    return parse_suite(candidate.read_text(), candidate.stem, str(candidate))
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str
+    params: tuple = ()  # sorted (key, value) pairs
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "params": self.param_dict}
+
+
+def parse_param_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "/" in text:
+        try:
+            return float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text
+
+
+def parse_defense_arg(arg: str) -> DefenseSpec:
+    """Parse `name` or `name:key=value,key=value` (name may be `path/file.py:Class`)."""
+    name, params = arg, {}
+    # `path/to/file.py:Class:key=v` or `awp:gamma=0.01`
+    head, sep, tail = arg.rpartition(":")
+    if sep and "=" in tail:
+        name = head
+        for item in tail.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(
+                    f"--defense {arg!r}: expected NAME[:key=value,...], could not read {item!r}"
+                )
+            params[key.strip()] = parse_param_value(value.strip())
+    return DefenseSpec(name=name, params=tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    suite: str
+    method: str
+    defenses: tuple[DefenseSpec, ...] = ()
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "suite": self.suite,
+            "method": self.method,
+            "defenses": [d.to_dict() for d in self.defenses],
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunSpec:
+        return cls(
+            suite=raw["suite"],
+            method=raw["method"],
+            defenses=tuple(
+                DefenseSpec(d["name"], tuple(sorted(d.get("params", {}).items())))
+                for d in raw.get("defenses", [])
+            ),
+            seed=int(raw.get("seed", 0)),
+        )
+
+    @property
+    def run_id(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def row_name(self) -> str:
+        return row_name(self.method, [d.name for d in self.defenses])
+
+
+METHOD_LABELS = {
+    "at": "AT", "trades": "TRADES", "fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM",
+    "standard": "Standard",
+}
+
+
+def row_name(method: str, defenses: list[str]) -> str:
+    parts = [METHOD_LABELS.get(method, method)]
+    for name in defenses:
+        label = Path(name.split(":")[0]).stem if ".py" in name else name
+        parts.append(label.upper().replace("_", "-") if ".py" not in name else label)
+    return "+".join(parts)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; valid methods are {list(METHODS)}")

@@ -1,0 +1,458 @@
+"""The shared adversarial-training engine.
+
+The loop, as the pseudocode that documents the defense hooks (`defenses/base.py`):
+
+```
+setup(state)                          build proxies, EMA, policy nets
+for epoch:
+    on_epoch_start(state)
+    for batch (x, y, index):           device-resident data, augmented on the device
+        before_attack(state)           may replace state.x / state.y
+        state.x_adv = method.attack    the suite's attack; the method decides its objective
+        after_attack(state)            sees x_adv; may compute weight perturbations
+        with around_update(state):     context managers, nested in order, closed in reverse
+            per-sample loss            the method's (or the `objective` owner's objective_loss)
+            add_losses(state)          extra named scalar terms, added to the loss
+            sample_weights(state)      per-sample weights, multiplied together;
+                                       loss = mean_i(w_i * l_i) + sum(terms)
+            backward
+            after_backward(state)      edit gradients
+            optimizer step
+        after_step(state)              EMA updates, policy updates
+    on_epoch_end(state)
+    validation curves + checkpoints    engine-owned: history.jsonl, best.pt, last.pt
+eval_models(state) -> {name: module}   evaluated besides the trained model
+```
+
+The engine owns the threat model, optimizer, schedule, mixed precision
+(bf16 autocast and channels_last on CUDA, fp32 on CPU), checkpoints and resume.
+It never names a defense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attacks.pgd import pgd
+from bench.config import RunSpec, Suite
+from bench.data import DeviceLoader, Splits, augment_batch
+from bench.methods import build_method
+from bench.models import build_model
+from bench.records import (
+    atomic_torch_save,
+    load_checkpoint,
+    read_history,
+    write_history,
+    write_json_atomic,
+)
+from bench.state import TrainState, preserved_bn_stats
+from defenses.base import Defense, build_defenses
+
+NONFINITE_CHECK_EVERY = 50
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunMismatchError(RuntimeError):
+    """A run folder holds a different run or was made under another suite file."""
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def make_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, stream))
+    return gen
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def learning_rate(suite: Suite, progress_epochs: float) -> float:
+    """Per-iteration learning rate at a fractional epoch."""
+    t = suite.train
+    frac = progress_epochs / t.epochs
+    if t.schedule == "cyclic":
+        peak = t.cyclic_peak
+        return t.lr * (frac / peak if frac < peak else max(0.0, (1 - frac) / (1 - peak)))
+    if t.schedule == "constant":
+        return t.lr
+    lr = t.lr * t.lr_decay ** sum(frac >= m for m in t.milestones)
+    if t.warmup_epochs > 0 and progress_epochs < t.warmup_epochs:
+        lr *= progress_epochs / t.warmup_epochs
+    return lr
+
+
+def current_eps(suite: Suite, progress_epochs: float) -> float:
+    t = suite.train
+    if t.eps_ramp_epochs > 0:
+        return t.eps * min(1.0, progress_epochs / t.eps_ramp_epochs)
+    return t.eps
+
+
+def build_optimizer(model: nn.Module, suite: Suite, device: torch.device) -> torch.optim.SGD:
+    t = suite.train
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+        nesterov=t.nesterov, **kwargs,
+    )
+
+
+@dataclass
+class CurvePoint:
+    robust: float
+    clean: float
+
+
+def curve_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
+                seed: int, autocast_dtype: torch.dtype | None, batch: int = 500) -> CurvePoint:
+    """PGD (the suite's curve attack) and clean accuracy, eval mode, fixed seed."""
+    c, eps = suite.curves, suite.train.eps
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    robust = clean = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), batch):
+            xb, yb = x[start:start + batch], y[start:start + batch]
+            x_adv = pgd(model, xb, yb, eps=eps, step_size=c.step_ratio * eps,
+                        steps=c.attack_steps, generator=gen, autocast_dtype=autocast_dtype)
+            with torch.no_grad(), _autocast(x.device, autocast_dtype):
+                robust += (model(x_adv).argmax(1) == yb).sum().item()
+                clean += (model(xb).argmax(1) == yb).sum().item()
+    finally:
+        model.train(was_training)
+    n = max(1, len(x))
+    return CurvePoint(robust / n, clean / n)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_float(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = x_uint8.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    epochs_done: int
+    best_epoch: int
+    finished: bool
+
+
+class Trainer:
+    """Trains one run in its folder, resuming from `last.pt` when half-done."""
+
+    def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
+                 device: torch.device | None = None, progress: bool = True) -> None:
+        self.spec, self.suite, self.splits = spec, suite, splits
+        self.run_dir = Path(run_dir)
+        self.device = device or pick_device()
+        self.progress = progress
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if cuda else None
+        self.channels_last = cuda
+
+    # ---- construction -----------------------------------------------------
+    def build(self) -> TrainState:
+        torch.manual_seed(self.spec.seed)
+        self.model = build_model(self.suite.model, self.splits.info).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.defenses: list[Defense] = build_defenses(
+            self.spec.defenses, self.spec.method, self.suite)
+        for defense in self.defenses:
+            defense.to(self.device)
+            defense.bind_random_stream(self.spec.seed, self.device)
+        self.optimizer = build_optimizer(self.model, self.suite, self.device)
+        t = self.suite.train
+        self.data_gen = make_generator(self.spec.seed, "data", self.device)
+        self.stream_gen = make_generator(self.spec.seed, "second-stream", self.device)
+        self.attack_gen = make_generator(self.spec.seed, "attack", self.device)
+        self.loader = DeviceLoader(
+            self.splits.train, t.batch_size, augment=self.suite.data.augment,
+            padding=self.suite.data.crop_padding, shuffle=True, drop_last=t.drop_last,
+            device=self.device, generator=self.data_gen, channels_last=self.channels_last)
+        self.train_x = self.splits.train.x.to(self.device)
+        self.train_y = self.splits.train.y.to(self.device)
+        self.train_index = self.splits.train.index.to(self.device)
+        self.method = build_method(self.spec.method, self.attack_gen)
+        state = TrainState(
+            suite=self.suite, spec=self.spec, device=self.device, model=self.model,
+            optimizer=self.optimizer, epochs=t.epochs, batches_per_epoch=len(self.loader),
+            autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
+        state.attack_fn = lambda x, y, **kw: self._attack_on(state, x, y, **kw)
+        state.method_loss_fn = lambda: self._method_loss(state)
+        state.batch_fn = self._draw_batch
+        self.capabilities = {c for d in self.defenses for c in d.capabilities}
+        self.objective_owner = next(
+            (d for d in self.defenses if "objective" in d.slots), None)
+        return state
+
+    def _attack_on(self, state: TrainState, x: torch.Tensor, y: torch.Tensor, **kw):
+        saved = state.x, state.y
+        state.x, state.y = x, y
+        try:
+            return self.method.attack(state, **kw)
+        finally:
+            state.x, state.y = saved
+
+    def _method_loss(self, state: TrainState) -> torch.Tensor:
+        with state.autocast():
+            return self.method.loss(state)
+
+    def _draw_batch(self):
+        t, n = self.suite.train, len(self.train_y)
+        idx = torch.randint(0, n, (t.batch_size,), generator=self.stream_gen, device=self.device)
+        x = augment_batch(self.train_x[idx], self.suite.data.augment,
+                          self.suite.data.crop_padding, self.stream_gen, self.channels_last)
+        return x, self.train_y[idx], self.train_index[idx]
+
+    # ---- checkpoints ------------------------------------------------------
+    def _payload(self, state: TrainState, history: list[dict], best: dict,
+                 seconds: float) -> dict:
+        rng = {"data": self.data_gen.get_state(), "stream": self.stream_gen.get_state(),
+               "attack": self.attack_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 1, "spec": self.spec.to_dict(), "suite_hash": self.suite.source_hash,
+            "epoch": state.epoch, "step": state.step,
+            "model": self.model.state_dict(),
+            "defenses": [d.state_dict() for d in self.defenses],
+            "optimizer": self.optimizer.state_dict(), "rng": rng, "best": best,
+            "history": history, "seconds": seconds,
+            "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
+        }
+
+    def _restore(self, state: TrainState, ckpt: dict) -> tuple[list[dict], dict, float]:
+        if ckpt.get("spec") != self.spec.to_dict():
+            raise RunMismatchError(
+                f"{self.run_dir / 'last.pt'} belongs to another run ({ckpt.get('spec')}); "
+                f"remove the folder or pick another results directory")
+        if ckpt.get("suite_hash") != self.suite.source_hash:
+            raise RunMismatchError(
+                f"{self.run_dir} was started under a different version of suite "
+                f"{self.suite.name!r} (hash {str(ckpt.get('suite_hash'))[:12]} vs "
+                f"{self.suite.source_hash[:12]}); delete the run folder to start over")
+        self.model.load_state_dict(ckpt["model"])
+        for defense, sd in zip(self.defenses, ckpt["defenses"], strict=True):
+            defense.load_state_dict(sd)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"]
+        self.data_gen.set_state(rng["data"])
+        self.stream_gen.set_state(rng["stream"])
+        self.attack_gen.set_state(rng["attack"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+        state.counter.forward = ckpt["passes"]["forward"]
+        state.counter.backward = ckpt["passes"]["backward"]
+        return list(ckpt["history"]), dict(ckpt["best"]), float(ckpt["seconds"])
+
+    # ---- the loop -----------------------------------------------------------
+    def train(self, stop_after_epochs: int | None = None) -> TrainOutcome:
+        """Train to the suite's last epoch (or stop early after
+        `stop_after_epochs` completed epochs, as an interruption would)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = self.build()
+        last_path = self.run_dir / "last.pt"
+        history: list[dict] = []
+        best = {"epoch": 0, "val_robust": -1.0}
+        seconds = 0.0
+        for defense in self.defenses:
+            defense.setup(state)  # builds proxies/EMA; a checkpoint's values then win
+        if last_path.exists():
+            history, best, seconds = self._restore(state, load_checkpoint(last_path))
+        else:
+            write_json_atomic(self.run_dir / "spec.json", {
+                "spec": self.spec.to_dict(), "run_id": self.spec.run_id,
+                "suite_hash": self.suite.source_hash})
+        epochs = self.suite.train.epochs
+        bar = _epoch_bar(self.progress, epochs, state.epoch, self.spec)
+        while state.epoch < epochs:
+            if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
+                break
+            start = time.perf_counter()
+            train_stats = self._train_epoch(state)
+            train_seconds = time.perf_counter() - start
+            curve_start = time.perf_counter()
+            val = curve_point(self.model, self.splits.val_curve.x.to(self.device).float() / 255,
+                              self.splits.val_curve.y.to(self.device), self.suite,
+                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
+            trn = curve_point(self.model,
+                              self.splits.train_curve.x.to(self.device).float() / 255,
+                              self.splits.train_curve.y.to(self.device), self.suite,
+                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
+            curve_seconds = time.perf_counter() - curve_start
+            state.epoch += 1
+            seconds += train_seconds
+            row = {"epoch": state.epoch, "lr": state.lr, "eps": state.eps, **train_stats,
+                   "train_robust": trn.robust, "train_clean": trn.clean,
+                   "val_robust": val.robust, "val_clean": val.clean,
+                   "seconds": train_seconds, "curve_seconds": curve_seconds,
+                   "forward_passes": state.counter.forward,
+                   "backward_passes": state.counter.backward}
+            history.append(row)
+            payload = self._payload(state, history, best, seconds)
+            if val.robust > best["val_robust"]:
+                best = {"epoch": state.epoch, "val_robust": val.robust}
+                payload["best"] = best
+                atomic_torch_save(payload, self.run_dir / "best.pt")
+            atomic_torch_save(payload, last_path)
+            write_history(self.run_dir / "history.jsonl", history)
+            if bar is not None:
+                bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",
+                                best=best["epoch"])
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return TrainOutcome(self.run_dir, state.epoch, best["epoch"], state.epoch >= epochs)
+
+    def _train_epoch(self, state: TrainState) -> dict[str, float]:
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        for defense in self.defenses:
+            defense.on_epoch_start(state)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        for x, y, index in self.loader:
+            fractional = state.epoch + state.step_in_epoch / state.batches_per_epoch
+            state.lr = learning_rate(self.suite, fractional)
+            state.eps = current_eps(self.suite, fractional)
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+            state.x, state.y, state.index = x, y, index
+            if "raw_batch" in self.capabilities:
+                state.raw_x = to_float(self.train_x_for(index), self.channels_last)
+            if "clean_logits" in self.capabilities:
+                with torch.no_grad(), preserved_bn_stats(model), state.autocast():
+                    state.clean_logits = model(x).float()
+                state.counter.add(fwd=1)
+            for defense in self.defenses:
+                defense.before_attack(state)
+            state.x_adv = self.method.attack(state)
+            for defense in self.defenses:
+                defense.after_attack(state)
+            model.train()
+            with contextlib.ExitStack() as stack:
+                for defense in self.defenses:
+                    stack.enter_context(defense.around_update(state))
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._loss(state)
+                loss.backward()
+                state.counter.add(bwd=1)
+                for defense in self.defenses:
+                    defense.after_backward(state)
+                optimizer.step()
+            for defense in self.defenses:
+                defense.after_step(state)
+            batch = len(state.y)
+            loss_sum += loss.detach().float() * batch
+            correct += (state.logits.detach().argmax(1) == state.y).sum()
+            seen += batch
+            state.step += 1
+            if state.step % NONFINITE_CHECK_EVERY == 0:
+                self._check_finite(loss_sum, state)
+        self._check_finite(loss_sum, state)
+        for defense in self.defenses:
+            defense.on_epoch_end(state)
+        stats = {"train_loss": float(loss_sum) / max(1, seen),
+                 "train_adv_acc": float(correct) / max(1, seen)}
+        stats.update(state.pop_logs())
+        return stats
+
+    def train_x_for(self, index: torch.Tensor) -> torch.Tensor:
+        """Unaugmented training images of the batch (raw_batch capability)."""
+        order = torch.sort(self.train_index)
+        positions = torch.searchsorted(order.values, index)
+        return self.train_x[order.indices[positions]]
+
+    def _loss(self, state: TrainState) -> torch.Tensor:
+        with state.autocast():
+            per_sample = None
+            if self.objective_owner is not None:
+                per_sample = self.objective_owner.objective_loss(state)
+            if per_sample is None:
+                per_sample = self.method.loss(state)
+        state.per_sample_loss = per_sample
+        terms: dict[str, torch.Tensor] = {}
+        weights = None
+        for defense in self.defenses:
+            extra = defense.add_losses(state)
+            if extra:
+                for name, value in extra.items():
+                    key = f"{defense.name}.{name}"
+                    terms[key] = value.float()
+                    state.log(f"loss.{key}", value)
+        for defense in self.defenses:
+            w = defense.sample_weights(state)
+            if w is not None:
+                weights = w if weights is None else weights * w
+        per_sample = per_sample.float()
+        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        for value in terms.values():
+            loss = loss + value
+        return loss
+
+    def _check_finite(self, loss_sum: torch.Tensor, state: TrainState) -> None:
+        if not math.isfinite(float(loss_sum)):
+            kept = state.epoch
+            raise NonFiniteLossError(
+                f"non-finite training loss in epoch {state.epoch + 1} (step {state.step}) of "
+                f"run {self.spec.run_id} ({self.spec.row_name}, seed {self.spec.seed}); "
+                f"training stopped. The last good checkpoint (after epoch {kept}) is kept in "
+                f"{self.run_dir / 'last.pt'}" + (" " if kept else " (none yet) ") +
+                "- lower the learning rate or a defense's strength, then delete the run "
+                "folder to start over")
+
+
+def _epoch_bar(enabled: bool, epochs: int, done: int, spec: RunSpec):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=epochs, initial=done, desc=f"train {spec.row_name} seed {spec.seed}",
+                unit="epoch", dynamic_ncols=True)
+
+
+def load_history(run_dir: Path) -> list[dict]:
+    return read_history(Path(run_dir) / "history.jsonl")
+
+
+def collect_eval_models(model: nn.Module, defenses: list[Defense],
+                        state: TrainState | None) -> dict[str, nn.Module]:
+    models: dict[str, nn.Module] = {"model": model}
+    for defense in defenses:
+        for name, module in defense.eval_models(state).items():  # type: ignore[arg-type]
+            key = f"{defense.name}.{name}"
+            models[key] = module
+    return models
+
+

@@ -1,0 +1,192 @@
+"""Final evaluation of a finished run and its `record.json`.
+
+For every model in `eval_models`, at the best and at the last checkpoint, in
+`eval()` mode and fp32: clean accuracy, PGD-20 (CE, step eps/4, random start),
+CW-inf-20 (margin loss) and AutoAttack (official `pyautoattack`), on the suite's
+evaluation set. Sanity flags: AutoAttack's own warnings, PGD at a huge epsilon
+must reach ~0, more PGD steps must not raise accuracy, and a large
+PGD-vs-AutoAttack gap.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attacks.autoattack import run_autoattack
+from attacks.pgd import clean_accuracy, robust_accuracy
+from bench.config import RunSpec, Suite
+from bench.data import Splits
+from bench.engine import Trainer, derive_seed, pick_device
+from bench.records import (
+    RecordError,
+    device_description,
+    load_checkpoint,
+    read_history,
+    software_versions,
+    write_json_atomic,
+)
+
+HUGE_EPS = 0.5  # PGD at this radius must drive accuracy to ~0
+HUGE_EPS_MAX_ACC = 0.05
+AA_GAP_FLAG = 0.10  # PGD-20 minus AutoAttack above this fires a flag
+SANITY_IMAGES = 200
+
+
+def _seeded(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
+                   seed: int, label: str, progress: bool) -> tuple[dict, list[dict], dict]:
+    """Metrics (fractions), fired sanity flags and AutoAttack details of one model."""
+    e, eps = suite.eval, suite.train.eps
+    device = x.device
+    model.eval()
+    flags: list[dict] = []
+    bar = (lambda name: f"{label} {name}") if progress else (lambda name: None)
+    metrics: dict = {"n": len(y)}
+    metrics["clean"] = clean_accuracy(model, x, y, batch_size=e.batch_size)
+    metrics["pgd20"] = robust_accuracy(
+        model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps, steps=e.pgd_steps,
+        batch_size=e.batch_size, generator=_seeded(seed, device), progress=bar("PGD-20"))
+    metrics["cw20"] = robust_accuracy(
+        model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps, steps=e.cw_steps, loss="cw",
+        batch_size=e.batch_size, generator=_seeded(seed + 1, device), progress=bar("CW-20"))
+    aa_info: dict = {"version": e.autoattack}
+    if e.autoattack != "none":
+        if progress:
+            print(f"  {label}: AutoAttack ({e.autoattack}) on {len(y)} images ...", flush=True)
+        result = run_autoattack(model, x, y, eps=eps, version=e.autoattack,
+                                batch_size=e.batch_size, device=device, seed=seed)
+        metrics["autoattack"] = result.robust_accuracy
+        aa_info.update({"seconds": result.seconds, "settings": result.settings,
+                        "warnings": result.warnings, "log": result.log})
+        for message in result.warnings:
+            flags.append({"check": "autoattack_warning", "message": message})
+        if metrics["pgd20"] - result.robust_accuracy > AA_GAP_FLAG:
+            flags.append({"check": "aa_pgd_gap", "message": (
+                f"PGD-20 {metrics['pgd20']:.3f} exceeds AutoAttack "
+                f"{result.robust_accuracy:.3f} by more than {AA_GAP_FLAG:.2f}: "
+                "possible gradient masking")})
+    else:
+        metrics["autoattack"] = None
+    if e.sanity_checks:
+        flags += sanity_flags(model, x[:SANITY_IMAGES], y[:SANITY_IMAGES], suite, seed)
+    return metrics, flags, aa_info
+
+
+def sanity_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
+                 seed: int) -> list[dict]:
+    e, eps = suite.eval, suite.train.eps
+    flags = []
+    huge = robust_accuracy(model, x, y, eps=HUGE_EPS, step_size=HUGE_EPS / 4, steps=e.pgd_steps,
+                           generator=_seeded(seed, x.device))
+    if huge > HUGE_EPS_MAX_ACC:
+        flags.append({"check": "huge_eps", "message": (
+            f"PGD-{e.pgd_steps} at eps {HUGE_EPS} leaves {huge:.3f} accuracy "
+            f"(expected <= {HUGE_EPS_MAX_ACC}): gradients may be masked")})
+    few = robust_accuracy(model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps,
+                          steps=e.pgd_steps, generator=_seeded(seed, x.device))
+    many = robust_accuracy(model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps / 2,
+                           steps=e.pgd_steps * 5, generator=_seeded(seed, x.device))
+    if many > few + 0.02:
+        flags.append({"check": "more_steps", "message": (
+            f"PGD-{e.pgd_steps * 5} accuracy {many:.3f} is above PGD-{e.pgd_steps} "
+            f"{few:.3f}: the attack does not converge")})
+    return flags
+
+
+def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.device | None = None,
+                 progress: bool = True) -> dict:
+    """Evaluate best and last checkpoints of a finished run and write `record.json`."""
+    run_dir = Path(run_dir)
+    device = device or pick_device()
+    spec_path = run_dir / "spec.json"
+    if not spec_path.exists():
+        raise RecordError(f"{run_dir} is not a run folder (no spec.json); "
+                          "train it first with `robench run`")
+    import json
+
+    spec = RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
+    last = load_checkpoint(run_dir / "last.pt", map_location=device)
+    if last["epoch"] < suite.train.epochs:
+        raise RecordError(
+            f"{run_dir} stopped after epoch {last['epoch']} of {suite.train.epochs}; "
+            f"resume it with `robench run` before evaluating")
+    trainer = Trainer(spec, suite, splits, run_dir, device=device, progress=False)
+    state = trainer.build()
+    for defense in trainer.defenses:
+        defense.setup(state)
+    x = splits.test.x.to(device).float() / 255
+    y = splits.test.y.to(device)
+    metrics: dict = {}
+    flags: list[dict] = []
+    autoattack: dict = {}
+    start = time.perf_counter()
+    for tag in ("best", "last"):
+        ckpt = last if tag == "last" else load_checkpoint(run_dir / "best.pt", device)
+        trainer.model.load_state_dict(ckpt["model"])
+        for defense, sd in zip(trainer.defenses, ckpt["defenses"], strict=True):
+            defense.load_state_dict(sd)
+        models = {"model": trainer.model}
+        for defense in trainer.defenses:
+            for name, module in defense.eval_models(state).items():
+                models[f"{defense.name}.{name}"] = module
+        for name, module in models.items():
+            label = f"[{tag} epoch {ckpt['epoch']}] {name}"
+            m, f, aa = evaluate_model(module, x, y, suite,
+                                      derive_seed(spec.seed, "eval") % (2**31), label, progress)
+            metrics.setdefault(name, {})[tag] = m
+            flags += [{**flag, "model": name, "checkpoint": tag} for flag in f]
+            autoattack[f"{name}.{tag}"] = aa
+    eval_seconds = time.perf_counter() - start
+    record = build_record(spec, suite, run_dir, metrics, flags, autoattack, last,
+                          trainer, eval_seconds, device)
+    write_json_atomic(run_dir / "record.json", record)
+    return record
+
+
+def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flags: list[dict],
+                 autoattack: dict, last: dict, trainer: Trainer, eval_seconds: float,
+                 device: torch.device) -> dict:
+    history = read_history(run_dir / "history.jsonl")
+    keys = ("epoch", "train_robust", "val_robust", "train_clean", "val_clean", "train_loss", "lr")
+    curves = {k: [row.get(k) for row in history] for k in keys}
+    aa_summary = {"version": suite.eval.autoattack}
+    for key, info in autoattack.items():
+        aa_summary[key] = {k: v for k, v in info.items() if k != "log"}
+    return {
+        "schema": 1,
+        "run_id": spec.run_id,
+        "row_name": spec.row_name,
+        "spec": spec.to_dict(),
+        "suite": {"name": suite.name, "hash": suite.source_hash, "seeds": list(suite.seeds),
+                  "description": suite.description,
+                  "label_noise": suite.data.label_noise},
+        "metrics": metrics,
+        "history": {"best_epoch": last["best"]["epoch"], "epochs": suite.train.epochs,
+                    "best_val_robust": last["best"]["val_robust"], "curves": curves},
+        "cost": {"train_seconds": float(last["seconds"]),
+                 "seconds_per_epoch": [row["seconds"] for row in history],
+                 "curve_seconds": sum(row.get("curve_seconds", 0.0) for row in history),
+                 "eval_seconds": eval_seconds,
+                 "forward_passes": last["passes"]["forward"],
+                 "backward_passes": last["passes"]["backward"],
+                 "pretraining_seconds": 0.0},
+        "flags": flags,
+        "extra_pretraining": [],
+        "cards": {d.name: d.card.to_dict() for d in trainer.defenses},
+        "defense_params": {d.name: d.hparams for d in trainer.defenses},
+        "autoattack": aa_summary,
+        "autoattack_logs": {k: v.get("log", "") for k, v in autoattack.items()},
+        "versions": software_versions(),
+        "device": device_description(device),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,123 @@
+"""Run folders and their files: atomic writes, checkpoint loading, the
+`history.jsonl` curves and the `record.json` schema.
+
+A run folder `results/<suite>/<run-id>/` holds `spec.json`, `history.jsonl`
+(one line per epoch), `last.pt`, `best.pt` and, once evaluated, `record.json`.
+Every file is written to a temporary name in the same folder and renamed, so a
+crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECORD_SCHEMA = 1
+RECORD_KEYS = ("schema", "run_id", "row_name", "spec", "suite", "metrics", "history", "cost")
+
+
+class RecordError(ValueError):
+    """A record or run folder is missing or malformed."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    _atomic_write(path, lambda h: h.write(text.encode()))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def atomic_torch_save(payload: dict, path: Path) -> None:
+    _atomic_write(path, lambda h: torch.save(payload, h))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with `weights_only=True` (no pickled code is executed)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise RecordError(
+            f"cannot load checkpoint {path}: {exc}. Delete it to retrain that run") from exc
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+    _atomic_write(path, lambda h: h.write(text.encode()))
+
+
+def read_history(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_record(path: Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordError(f"cannot read record {path}: {exc}") from exc
+    validate_record(record, str(path))
+    return record
+
+
+def validate_record(record: dict, where: str = "record") -> None:
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise RecordError(f"{where}: missing keys {missing}")
+    if record["schema"] != RECORD_SCHEMA:
+        raise RecordError(f"{where}: schema {record['schema']} is not {RECORD_SCHEMA}")
+    if "model" not in record["metrics"]:
+        raise RecordError(f"{where}: metrics has no entry for the trained model 'model'")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "numpy", "pyautoattack"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:
+            versions[name] = "not installed"
+    return versions
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -1,0 +1,150 @@
+"""`TrainState`: everything a defense hook may read and write during training.
+
+Hooks read the protocol (`suite`, `eps`, `epoch`, `lr`) and the current batch,
+and write only the fields their hook documents (`x`/`y` in `before_attack`,
+weights inside `around_update`, extra terms in `add_losses`, ...). Services:
+`attack()` (the suite's attack, with explicit logged overrides), `draw_batch()`
+(an independent second batch stream), `log()` and the pass counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.config import RunSpec, Suite
+
+
+@contextlib.contextmanager
+def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Run extra forwards in train mode without touching BatchNorm running
+    statistics (they are restored on exit, bit for bit)."""
+    saved = [
+        (buf, buf.detach().clone())
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buf in module.buffers()
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+
+
+def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Conv and linear kernels: parameters with more than one dimension whose
+    name ends in `weight` (what weight-perturbation defenses perturb)."""
+    return [
+        (name, p) for name, p in model.named_parameters()
+        if p.ndim > 1 and name.endswith("weight")
+    ]
+
+
+@dataclass
+class PassCounter:
+    """Forward and backward passes over a batch, for the cost column."""
+
+    forward: int = 0
+    backward: int = 0
+
+    def add(self, fwd: int = 0, bwd: int = 0) -> None:
+        self.forward += fwd
+        self.backward += bwd
+
+    def as_attack_counter(self) -> dict:
+        return {"fwd": 0, "bwd": 0}
+
+    def absorb(self, counter: dict) -> None:
+        self.forward += counter.get("fwd", 0)
+        self.backward += counter.get("bwd", 0)
+
+
+@dataclass
+class TrainState:
+    suite: Suite
+    spec: RunSpec
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    batches_per_epoch: int
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    # progress
+    epoch: int = 0  # 0-based epoch being trained
+    step: int = 0  # global iteration counter
+    lr: float = 0.0
+    eps: float = 0.0  # current training epsilon (after any ramp)
+    # the batch
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # dataset_index capability
+    raw_x: torch.Tensor | None = None  # raw_batch capability (unaugmented)
+    clean_logits: torch.Tensor | None = None  # clean_logits capability
+    x_adv: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # logits of the training forward
+    per_sample_loss: torch.Tensor | None = None
+    # services, bound by the engine
+    attack_fn: Callable[..., torch.Tensor] | None = None
+    method_loss_fn: Callable[[], torch.Tensor] | None = None
+    batch_fn: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    counter: PassCounter = field(default_factory=PassCounter)
+    logs: dict[str, list[float]] = field(default_factory=dict)
+    attack_overrides_log: list[dict] = field(default_factory=list)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1] (fractional epochs)."""
+        return (self.epoch + self.step_in_epoch / max(1, self.batches_per_epoch)) / self.epochs
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.step - self.epoch * self.batches_per_epoch
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor, **overrides: Any) -> torch.Tensor:
+        """The suite's training attack on (x, y). Overrides (e.g. `steps=1`) are
+        recorded once per distinct set so the record shows them."""
+        if overrides and overrides not in self.attack_overrides_log:
+            self.attack_overrides_log.append(dict(overrides))
+        assert self.attack_fn is not None
+        return self.attack_fn(x, y, **overrides)
+
+    def method_loss(self) -> torch.Tensor:
+        """Per-sample loss of the base method at the current weights, on the
+        current batch (`x`, `x_adv`, `y`); builds a graph. Used by defenses that
+        ascend the training objective (AWP). Counts one forward."""
+        assert self.method_loss_fn is not None
+        return self.method_loss_fn()
+
+    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch (x, y, index) from a second, independent stream over the
+        training split: sampling it never shifts the main data order."""
+        assert self.batch_fn is not None
+        return self.batch_fn()
+
+    def log(self, key: str, value: float | torch.Tensor) -> None:
+        """Record a scalar; the epoch mean lands in `history.jsonl`."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self.logs.setdefault(key, []).append(value)  # type: ignore[arg-type]
+
+    def pop_logs(self) -> dict[str, float]:
+        out = {}
+        for key, values in self.logs.items():
+            if values:
+                out[key] = float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu()
+                                              for v in values]).mean())
+        self.logs = {}
+        return out

@@ -1,0 +1,15 @@
+"""Defenses against robust overfitting, each a `Defense` that touches only the
+engine's hooks. Importing this package registers the built-in ones."""
+
+from defenses import awp  # noqa: F401
+from defenses.base import (
+    Defense,
+    DefenseCard,
+    build_defenses,
+    list_defenses,
+    register_defense,
+    resolve_defense,
+)
+
+__all__ = ["Defense", "DefenseCard", "build_defenses", "list_defenses", "register_defense",
+           "resolve_defense"]

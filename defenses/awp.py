@@ -1,0 +1,98 @@
+"""AWP: Adversarial Weight Perturbation (Wu, Xia & Wang, "Adversarial Weight
+Perturbation Helps Robust Generalization", NeurIPS 2020).
+
+After the engine has built x_adv with the clean weights, AWP takes one
+layer-wise normalised ascent step on the training objective with respect to
+the conv/linear kernels, v_l = gamma * ||w_l|| * g_l / ||g_l||, trains at w + v
+(momentum and weight decay act there) and removes v afterwards.
+
+Engine-specific choices (see ../shared/specs/awp_rwp.md): g is computed with
+`torch.autograd.grad` on the live model instead of a proxy copy (same
+direction, no copy), and the extra forward does not update BatchNorm running
+statistics, matching the reference which updates them once per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from bench.state import TrainState, kernel_parameters, preserved_bn_stats
+from defenses.base import Defense, DefenseCard, register_defense
+
+
+def layerwise_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor],
+                           gamma: float) -> list[torch.Tensor]:
+    """v_l = gamma * ||w_l|| * g_l / ||g_l|| per layer (Frobenius norms); a
+    layer with a zero gradient gets v_l = 0."""
+    out = []
+    for w, g in zip(weights, grads, strict=True):
+        g = g.float()
+        g_norm = g.norm()
+        scale = torch.where(g_norm > 0, gamma * w.detach().float().norm() / g_norm.clamp_min(1e-30),
+                            torch.zeros_like(g_norm))
+        out.append((g * scale).to(w.dtype))
+    return out
+
+
+@register_defense("awp")
+class AWP(Defense):
+    card = DefenseCard(
+        name="AWP",
+        paper="Wu, Xia & Wang. Adversarial Weight Perturbation Helps Robust Generalization",
+        venue="NeurIPS 2020",
+        link="https://arxiv.org/abs/2004.05884",
+        reference_code="https://github.com/csdongxian/AWP",
+        hyperparameters={"gamma": 0.01, "ascent_steps": 1, "warmup": 0.0,
+                         "trades": {"gamma": 0.005, "warmup": 0.05}},
+        published={
+            "PRN-18 CIFAR-10 AT-AWP PGD-20": {"best": 55.39, "last": 54.30, "clean_best": 81.18},
+            "PRN-18 CIFAR-10 AT-AWP AA (quoted by later papers)":
+                {"best": 50.57, "last": 49.95, "clean": [83.33, 84.39]},
+            "WRN-34-10 AT-AWP AA": 53.97, "WRN-34-10 TRADES-AWP AA": 56.17,
+        },
+        extra_data="none",
+        notes="Overhead about one extra forward/backward per batch.",
+    )
+    params = {"gamma": 0.01, "warmup": 0.0}
+    methods = ("at", "trades")
+
+    @classmethod
+    def method_defaults(cls, method: str) -> dict:
+        return {"gamma": 0.005, "warmup": 0.05} if method == "trades" else {}
+
+    def __init__(self, gamma: float, warmup: float) -> None:
+        super().__init__(gamma=gamma, warmup=warmup)
+        if gamma < 0:
+            raise ValueError(f"awp: gamma must be >= 0, got {gamma}")
+        if not 0 <= warmup <= 1:
+            raise ValueError(f"awp: warmup is a fraction of training in [0, 1], got {warmup}")
+        self.gamma = float(gamma)
+        self.warmup = float(warmup)
+
+    def active(self, state: TrainState) -> bool:
+        return state.epoch >= self.warmup * state.epochs
+
+    @contextlib.contextmanager
+    def around_update(self, state: TrainState) -> Iterator[None]:
+        if not self.active(state):
+            yield
+            return
+        kernels = [p for _, p in kernel_parameters(state.model)]
+        with preserved_bn_stats(state.model):
+            ascent = state.method_loss().float().mean()
+            grads = torch.autograd.grad(ascent, kernels, allow_unused=True)
+        state.counter.add(bwd=1)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(kernels, grads)]
+        perturbation = layerwise_perturbation(kernels, grads, self.gamma)
+        with torch.no_grad():
+            for p, v in zip(kernels, perturbation, strict=True):
+                p.add_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(kernels, perturbation, strict=True):
+                    p.sub_(v)

@@ -1,0 +1,248 @@
+"""The defense extension point: `Defense`, `DefenseCard`, the registry and its checks.
+
+A defense is an `nn.Module` (so proxy models, EMA copies and policy networks
+move with `.to(device)` and land in `state_dict()`) that overrides only the
+hooks it needs. Every hook takes the engine's `TrainState` and does nothing by
+default. The engine's loop (`bench/engine.py`) documents when each hook runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.config import ConfigError, DefenseSpec, Suite
+
+if TYPE_CHECKING:
+    from bench.state import TrainState
+
+SLOTS = ("objective", "augmentation", "update")
+CAPABILITIES = ("clean_logits", "per_sample_loss", "dataset_index", "raw_batch")
+ENTRY_POINT_GROUP = "robench.defenses"
+
+
+@dataclass(frozen=True)
+class DefenseCard:
+    """What the leaderboard prints about a defense."""
+
+    name: str
+    paper: str
+    venue: str = ""
+    link: str = ""
+    reference_code: str = ""
+    hyperparameters: dict = field(default_factory=dict)  # as published (CIFAR-10, PRN-18)
+    published: dict = field(default_factory=dict)  # published numbers, free-form
+    extra_data: str = "none"  # extra data or pretrained models used
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Defense(nn.Module):
+    """Base class of every defense. Subclasses set the class attributes and
+    override hooks; `params` holds the defaults of every hyperparameter.
+
+    Class attributes:
+      name: registry name (set by `@register_defense`).
+      card: the `DefenseCard`.
+      params: default hyperparameters; a run may override any of them.
+      methods: base methods the defense composes with (empty = all).
+      slots: single-owner slots it claims (`objective`, `augmentation`, `update`).
+      capabilities: per-batch quantities it needs the engine to compute
+        (`clean_logits`, `per_sample_loss`, `dataset_index`, `raw_batch`).
+    """
+
+    name: ClassVar[str] = ""
+    card: ClassVar[DefenseCard]
+    params: ClassVar[dict[str, Any]] = {}
+    methods: ClassVar[tuple[str, ...]] = ()
+    slots: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__()
+        self.hparams: dict[str, Any] = dict(hparams)
+        self.generator: torch.Generator | None = None  # the defense's own random stream
+
+    @classmethod
+    def method_defaults(cls, method: str) -> dict[str, Any]:
+        """Defaults that depend on the base method (e.g. TRADES-AWP's gamma)."""
+        return {}
+
+    def bind_random_stream(self, run_seed: int, device: torch.device) -> None:
+        """Give the defense a generator derived from the run seed and its name,
+        so adding a defense never shifts the data order or the attack's randomness."""
+        digest = hashlib.sha256(f"{run_seed}:{self.name}".encode()).digest()
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
+
+    # ---- hooks: all no-ops by default -------------------------------------
+    def setup(self, state: TrainState) -> None: ...
+    def on_epoch_start(self, state: TrainState) -> None: ...
+    def before_attack(self, state: TrainState) -> None: ...
+    def after_attack(self, state: TrainState) -> None: ...
+
+    @contextlib.contextmanager
+    def around_update(self, state: TrainState) -> Iterator[None]:
+        yield
+
+    def add_losses(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def sample_weights(self, state: TrainState) -> torch.Tensor | None:
+        return None
+
+    def objective_loss(self, state: TrainState) -> torch.Tensor | None:
+        """Only for a defense that owns the `objective` slot: per-sample loss."""
+        return None
+
+    def after_backward(self, state: TrainState) -> None: ...
+    def after_step(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+    def eval_models(self, state: TrainState) -> dict[str, nn.Module]:
+        """Extra models to evaluate besides the trained model (e.g. an EMA)."""
+        return {}
+
+    # ---- state that is not a tensor (counters, optimizers) -----------------
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state() if self.generator else None}
+
+    def set_extra_state(self, extra: Any) -> None:
+        if extra and extra.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(extra["generator"])
+
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register_defense(name: str):
+    """Class decorator: `@register_defense("awp")`."""
+
+    def wrap(cls: type[Defense]) -> type[Defense]:
+        if not (isinstance(cls, type) and issubclass(cls, Defense)):
+            raise TypeError(f"@register_defense({name!r}) must decorate a Defense subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(f"defense name {name!r} is registered twice")
+        if not hasattr(cls, "card"):
+            raise TypeError(f"defense {name!r} needs a DefenseCard in its `card` attribute")
+        unknown = sorted(set(cls.slots) - set(SLOTS))
+        if unknown:
+            raise TypeError(f"defense {name!r} claims unknown slot(s) {unknown}; slots are {SLOTS}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+_loaded_builtin = False
+
+
+def _load_builtin() -> None:
+    global _loaded_builtin
+    if _loaded_builtin:
+        return
+    _loaded_builtin = True
+    import defenses  # noqa: F401  (imports the built-in modules)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if ep.name not in _REGISTRY:
+            register_defense(ep.name)(cls)
+
+
+def list_defenses() -> dict[str, type[Defense]]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_from_file(ref: str) -> type[Defense]:
+    path_text, _, class_name = ref.rpartition(":")
+    path = Path(path_text)
+    if not path.exists():
+        raise ConfigError(f"defense file {path} does not exist (from --defense {ref!r})")
+    module_name = f"robench_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        found = [n for n, v in vars(module).items()
+                 if isinstance(v, type) and issubclass(v, Defense) and v is not Defense]
+        raise ConfigError(
+            f"{path} has no Defense subclass named {class_name!r}; it defines {found or 'none'}"
+        )
+    if not cls.name:
+        cls.name = class_name.lower()
+    return cls
+
+
+def resolve_defense(name: str) -> type[Defense]:
+    """A registered name, or `path/to/file.py:ClassName`."""
+    if ".py:" in name:
+        return _load_from_file(name)
+    registry = list_defenses()
+    if name not in registry:
+        raise ConfigError(
+            f"unknown defense {name!r}; valid defenses are {sorted(registry)} "
+            f"(or path/to/file.py:ClassName)"
+        )
+    return registry[name]
+
+
+def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) -> list[Defense]:
+    """Instantiate defenses with defaults < method defaults < suite overrides < run
+    parameters, refusing unknown parameters, unsupported methods and slot conflicts."""
+    built: list[Defense] = []
+    owners: dict[str, str] = {}
+    for spec in specs:
+        cls = resolve_defense(spec.name)
+        if cls.methods and method not in cls.methods:
+            raise ConfigError(
+                f"defense {spec.name!r} does not compose with method {method!r}; "
+                f"it supports {list(cls.methods)}"
+            )
+        for slot in cls.slots:
+            if slot in owners:
+                raise ConfigError(
+                    f"defenses {owners[slot]!r} and {spec.name!r} both claim the "
+                    f"{slot!r} slot; only one defense may own it"
+                )
+            owners[slot] = spec.name
+        unknown_caps = sorted(set(cls.capabilities) - set(CAPABILITIES))
+        if unknown_caps:
+            raise ConfigError(
+                f"defense {spec.name!r} asks for capability {unknown_caps} that this engine "
+                f"does not provide; provided: {list(CAPABILITIES)}"
+            )
+        values = dict(cls.params)
+        values.update(cls.method_defaults(method))
+        values.update(suite.defense_overrides.get(cls.name, {}))
+        user = spec.param_dict
+        unknown = sorted(set(user) - set(cls.params))
+        if unknown:
+            raise ConfigError(
+                f"defense {spec.name!r} has no parameter(s) {unknown}; "
+                f"valid parameters are {sorted(cls.params)}"
+            )
+        values.update(user)
+        built.append(cls(**values))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a defense is listed twice in {names}")
+    return built

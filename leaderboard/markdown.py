@@ -1,0 +1,107 @@
+"""Leaderboard tables -> Markdown (own small formatter: no `tabulate` needed)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+DASH = "–"
+
+LEGEND = (
+    "*best*: the checkpoint with the highest PGD robust accuracy on the held-out validation "
+    "split (never the test set); *last*: the checkpoint after the final epoch. Accuracies in %, "
+    "mean ± sample standard deviation over seeds (no ± with a single seed); – = not measured. "
+    "*gap* = best − last per seed, averaged: the size of robust overfitting. "
+    "*seeds*: seeds run / seeds the suite asks for (⚠ = incomplete). "
+    "*cost vs AT*: mean training seconds per epoch relative to plain PGD-AT (the `AT` row) of "
+    "the same suite; *passes vs AT*: forward + backward passes relative to AT. "
+    "*flags*: sanity checks that fired on some seed or checkpoint. "
+    "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
+)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def pct(mean: Any, std: Any = None) -> str:
+    """Fractions as percentages with 2 decimals: '48.00 ± 1.23', '48.00', or '–'."""
+    if _missing(mean):
+        return DASH
+    return f"{100 * mean:.2f}" if _missing(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def ratio(value: Any) -> str:
+    """A cost ratio such as '1.52×', or '–'."""
+    return DASH if _missing(value) else f"{value:.2f}×"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; '|' inside cells is escaped."""
+    def line(cells: list[str]) -> str:
+        clean = (str(c).replace("|", "\\|").replace("\n", " ") for c in cells)
+        return "| " + " | ".join(clean) + " |"
+    return "\n".join([line(headers), "| " + " | ".join("---" for _ in headers) + " |"]
+                     + [line(r) for r in rows])
+
+
+def _best_epoch(row: pd.Series) -> str:
+    if _missing(row["best_epoch_mean"]):
+        return DASH
+    text = f"{row['best_epoch_mean']:.1f}"
+    return text if _missing(row["epochs"]) else f"{text} / {int(row['epochs'])}"
+
+
+def suite_markdown(table: pd.DataFrame) -> str:
+    """One suite's section: heading, protocol line, table, legend, defense cards."""
+    meta = table.attrs
+    out = [f"## {meta.get('key', meta.get('name', '?'))}", ""]
+    if meta.get("description"):
+        out += [str(meta["description"]).strip(), ""]
+    seeds = meta.get("seeds") or []
+    out += [f"Suite `{meta.get('name')}`, file hash `{str(meta.get('hash', ''))[:12]}`, "
+            f"seeds expected: {', '.join(map(str, seeds)) or 'none listed'} ({len(seeds)}); "
+            f"{meta.get('n_records', 0)} run record(s).", ""]
+    if not meta.get("current", True):
+        out += [f"> Older version of suite `{meta.get('name')}`: these runs used a different "
+                "suite file and are not comparable with the current table.", ""]
+    extra = bool(table["extra_pretraining"].astype(str).str.len().gt(0).any())
+    headers = ["#", "row", "clean best", "clean last", "PGD-20 best", "PGD-20 last",
+               "AutoAttack best", "AutoAttack last", "gap PGD-20", "gap AutoAttack",
+               "best epoch", "seeds", "cost vs AT", "passes vs AT", "flags"]
+    headers += ["extra pretraining"] if extra else []
+    rows = []
+    for i, (_, r) in enumerate(table.iterrows(), start=1):
+        cells = [str(i), r["row"]]
+        for col in ("clean_best", "clean_last", "pgd20_best", "pgd20_last", "autoattack_best",
+                    "autoattack_last", "gap_pgd20", "gap_autoattack"):
+            cells.append(pct(r[f"{col}_mean"], r[f"{col}_std"]))
+        cells += [_best_epoch(r), r["seeds"], ratio(r["cost_vs_at"]), ratio(r["passes_vs_at"]),
+                  r["flags"] or DASH]
+        cells += [r["extra_pretraining"] or DASH] if extra else []
+        rows.append(cells)
+    out += [md_table(headers, rows), "", LEGEND, ""]
+    cards = meta.get("cards") or {}
+    if cards:
+        out += ["### Defenses", ""]
+        for key, card in cards.items():
+            bits = [f"**{card.get('name', key)}** (`{key}`)"]
+            if card.get("paper"):
+                bits.append(f"*{card['paper']}*" + (f", {card['venue']}" if card.get("venue")
+                                                    else ""))
+            if card.get("link"):
+                bits.append(f"<{card['link']}>")
+            out.append("- " + " — ".join(bits))
+        out.append("")
+    return "\n".join(out)
+
+
+def render_markdown(tables: dict[str, pd.DataFrame], source: str = "") -> str:
+    """The whole leaderboard document, one section per suite key."""
+    head = ["# ROBench leaderboard", ""]
+    if source:
+        n = sum(t.attrs.get("n_records", 0) for t in tables.values())
+        head += [f"Compiled from {n} run record(s) under `{source}`.", ""]
+    return "\n".join(head + [suite_markdown(t) for t in tables.values()]).rstrip() + "\n"

@@ -1,0 +1,64 @@
+"""Robust-overfitting curves: mean train/validation robust accuracy per row, one PNG per suite."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from leaderboard.tables import config_key, row_labels
+
+
+def _mean_curves(records: list[dict]) -> pd.DataFrame | None:
+    """Per-epoch mean over seeds of train_robust and val_robust; None when no run has curves."""
+    frames = []
+    for rec in records:
+        curves = (rec.get("history") or {}).get("curves") or {}
+        epochs = curves.get("epoch") or []
+        cols = {k: curves.get(k) or [] for k in ("train_robust", "val_robust")}
+        if not epochs or not all(len(v) == len(epochs) for v in cols.values()):
+            continue
+        frame = pd.DataFrame({"epoch": epochs, **cols})
+        frames.append(frame.apply(pd.to_numeric, errors="coerce"))
+    if not frames:
+        return None
+    return pd.concat(frames).groupby("epoch").mean().sort_index()
+
+
+def plot_groups(groups: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """Write `curves_<suite key>.png` for each suite key with curves; return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, records in groups.items():
+        labels = row_labels(records)
+        by_row: dict[str, list[dict]] = {}
+        for rec in records:
+            by_row.setdefault(labels[config_key(rec["spec"])], []).append(rec)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn = 0
+        for label in sorted(by_row):
+            curves = _mean_curves(by_row[label])
+            if curves is None:
+                continue
+            (line,) = ax.plot(curves.index, 100 * curves["val_robust"], label=f"{label} (val)")
+            ax.plot(curves.index, 100 * curves["train_robust"], linestyle="--",
+                    color=line.get_color(), label=f"{label} (train)")
+            drawn += 1
+        if drawn:
+            ax.set(xlabel="epoch", ylabel="robust accuracy (%)",
+                   title=f"{key}: train (dashed) vs validation robust accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            path = out / f"curves_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
+            fig.savefig(path, dpi=110)
+            paths.append(path)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,234 @@
+"""Records -> one pandas table per suite: mean ± std over seeds, gaps, cost vs AT.
+
+Suite versions: records are grouped by suite name, then by suite hash. The hash
+with the newest record (`created`) keeps the plain suite name; every older hash
+becomes its own table keyed ``"<name>@<hash[:8]>"`` (with a `LeaderboardWarning`),
+so numbers made under different protocol files are never averaged together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from typing import Any
+
+import pandas as pd
+
+from leaderboard.records import (
+    CHECKPOINTS,
+    METRICS,
+    LeaderboardWarning,
+    canonical,
+    created_at,
+)
+
+DECIMALS = 6
+VALUE_COLUMNS = [f"{m}_{c}" for m in METRICS for c in CHECKPOINTS] + ["gap_pgd20", "gap_autoattack"]
+COLUMNS = (
+    ["suite", "row", "row_name", "model", "method", "defenses"]
+    + [f"{v}_{s}" for v in VALUE_COLUMNS for s in ("mean", "std")]
+    + ["best_epoch_mean", "epochs", "n_seeds", "seeds_expected", "seeds",
+       "seconds_per_epoch_mean", "passes_mean", "cost_vs_at", "passes_vs_at",
+       "pretraining_seconds_mean", "extra_pretraining", "flags", "run_ids"]
+)
+
+
+def _num(value: Any) -> float:
+    """A finite number as float, anything else (None, strings, bools) as NaN."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+def config_key(spec: dict) -> str:
+    """A run spec without its seed and suite: what makes one leaderboard row."""
+    return canonical({k: v for k, v in spec.items() if k not in ("seed", "suite")})
+
+
+def split_by_suite(records: list[dict]) -> dict[str, list[dict]]:
+    """Group records by suite key; see the module docstring for how hashes are kept apart."""
+    by_name: dict[str, dict[str, list[dict]]] = {}
+    for rec in records:
+        suite = rec["suite"]
+        by_name.setdefault(suite["name"], {}).setdefault(suite["hash"], []).append(rec)
+    out: dict[str, list[dict]] = {}
+    for name in sorted(by_name):
+        hashes = by_name[name]
+        order = sorted(hashes, reverse=True,
+                       key=lambda h: (max(created_at(r) for r in hashes[h]), len(hashes[h]), h))
+        out[name] = hashes[order[0]]
+        for old in order[1:]:
+            key = f"{name}@{old[:8]}"
+            warnings.warn(
+                f"suite {name!r}: {len(hashes[old])} record(s) were made under an older suite file "
+                f"(hash {old[:12]}, newest is {order[0][:12]}); listed apart as {key!r}, "
+                "not averaged with the current suite", LeaderboardWarning, stacklevel=3)
+            out[key] = hashes[old]
+    return out
+
+
+def deduplicate(records: list[dict]) -> list[dict]:
+    """Keep one record per (suite hash, run spec incl. seed): the newest, else the first by path."""
+    kept: dict[str, dict] = {}
+    for rec in records:
+        key = canonical([rec["suite"]["hash"], rec["spec"]])
+        if key not in kept:
+            kept[key] = rec
+            continue
+        keep, drop = sorted([kept[key], rec], key=created_at, reverse=True)
+        warnings.warn(
+            f"duplicate run {rec['row_name']} seed {rec['spec']['seed']} "
+            f"(suite {rec['suite']['name']}): keeping {keep.get('_path', keep['run_id'])}, "
+            f"ignoring {drop.get('_path', drop['run_id'])}", LeaderboardWarning, stacklevel=3)
+        kept[key] = keep
+    return list(kept.values())
+
+
+def prepare(records: list[dict]) -> dict[str, list[dict]]:
+    """Split records by suite key, then deduplicate each group."""
+    return {key: deduplicate(recs) for key, recs in split_by_suite(records).items()}
+
+
+def _defenses_text(spec: dict) -> str:
+    parts = []
+    for d in spec.get("defenses", []):
+        params = d.get("params") or {}
+        inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+        parts.append(f"{d.get('name', '?')}({inner})" if inner else str(d.get("name", "?")))
+    return "; ".join(parts)
+
+
+def row_labels(records: list[dict]) -> dict[str, str]:
+    """Map config key -> row label; configs sharing a row_name get their parameters appended."""
+    specs = {config_key(r["spec"]): r for r in records}
+    names = {cfg: rec["row_name"] for cfg, rec in specs.items()}
+    labels = {}
+    for cfg, name in names.items():
+        if list(names.values()).count(name) == 1:
+            labels[cfg] = name
+        else:
+            labels[cfg] = f"{name} ({_defenses_text(specs[cfg]['spec']) or 'no params'})"
+    clashes = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    for cfg, label in labels.items():
+        if label in clashes:  # parameters alone don't tell them apart: add a short spec hash
+            labels[cfg] = f"{label} #{hashlib.sha256(cfg.encode()).hexdigest()[:6]}"
+    return labels
+
+
+def _seconds_per_epoch(rec: dict) -> float:
+    cost = rec.get("cost") or {}
+    per_epoch = [_num(s) for s in cost.get("seconds_per_epoch") or []]
+    per_epoch = [s for s in per_epoch if not math.isnan(s)]
+    if per_epoch:
+        return sum(per_epoch) / len(per_epoch)
+    epochs = _num((rec.get("history") or {}).get("epochs"))
+    train = _num(cost.get("train_seconds"))
+    return train / epochs if epochs and epochs > 0 else math.nan
+
+
+def run_rows(rec: dict, label: str) -> list[dict]:
+    """One flat row per evaluated model of one run (one seed)."""
+    spec, cost, hist = rec["spec"], rec.get("cost") or {}, rec.get("history") or {}
+    extras = [e for e in rec.get("extra_pretraining") or [] if isinstance(e, dict)]
+    pre = _num(cost.get("pretraining_seconds"))
+    if math.isnan(pre) or pre == 0:
+        pre = sum(_num(e.get("seconds")) for e in extras) if extras else pre
+    base = {
+        "config": config_key(spec), "row_name": rec["row_name"], "method": spec["method"],
+        "defenses": _defenses_text(spec), "seed": spec["seed"], "run_id": rec["run_id"],
+        "best_epoch": _num(hist.get("best_epoch")), "epochs": _num(hist.get("epochs")),
+        "seconds_per_epoch": _seconds_per_epoch(rec),
+        "passes": _num(cost.get("forward_passes")) + _num(cost.get("backward_passes")),
+        "pretraining_seconds": pre,
+        "extra": [f"{e.get('what', '?')} ({_num(e.get('seconds')):.0f} s)" for e in extras],
+    }
+    rows = []
+    for model, per_ckpt in rec["metrics"].items():
+        row = dict(base, model=model,
+                   row=label if model == "model" else f"{label} [{model}]",
+                   flags=[str(f.get("check", "?")) for f in rec.get("flags") or []
+                          if isinstance(f, dict) and f.get("model") in (None, model)])
+        for metric in METRICS:
+            for ckpt in CHECKPOINTS:
+                row[f"{metric}_{ckpt}"] = _num(per_ckpt[ckpt].get(metric))
+        row["gap_pgd20"] = row["pgd20_best"] - row["pgd20_last"]
+        row["gap_autoattack"] = row["autoattack_best"] - row["autoattack_last"]
+        rows.append(row)
+    return rows
+
+
+def _unique(lists: pd.Series) -> str:
+    seen: dict[str, None] = {}
+    for items in lists:
+        seen.update(dict.fromkeys(items))
+    return ", ".join(sorted(seen))
+
+
+def _is_plain_at(row: pd.Series) -> bool:
+    return str(row["method"]).lower() == "at" and not row["defenses"] and row["model"] == "model"
+
+
+def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
+    """Aggregate one suite's (deduplicated) records into its leaderboard table."""
+    labels = row_labels(records)
+    runs = pd.DataFrame(
+        [r for rec in records for r in run_rows(rec, labels[config_key(rec["spec"])])])
+    newest = max(records, key=created_at)
+    expected = len(newest["suite"].get("seeds") or [])
+    rows = []
+    for (_, _), grp in runs.groupby(["config", "model"], sort=False):
+        first = grp.iloc[0]
+        n = int(grp["seed"].nunique())
+        row = {"suite": key, "row": first["row"], "row_name": first["row_name"],
+               "model": first["model"], "method": first["method"], "defenses": first["defenses"]}
+        for col in VALUE_COLUMNS:
+            row[f"{col}_mean"] = grp[col].mean()
+            row[f"{col}_std"] = grp[col].std(ddof=1)
+        epochs = grp["epochs"].dropna().unique()
+        row.update(
+            best_epoch_mean=grp["best_epoch"].mean(),
+            epochs=float(epochs[0]) if len(epochs) == 1 else math.nan,
+            n_seeds=n, seeds_expected=expected,
+            seeds=f"{n}/{expected}" + (" ⚠" if n < expected else "") if expected else str(n),
+            seconds_per_epoch_mean=grp["seconds_per_epoch"].mean(),
+            passes_mean=grp["passes"].mean(),
+            pretraining_seconds_mean=grp["pretraining_seconds"].mean(),
+            extra_pretraining=_unique(grp["extra"]), flags=_unique(grp["flags"]),
+            run_ids=",".join(sorted(grp["run_id"])))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    at = table[table.apply(_is_plain_at, axis=1)]
+    if len(at):
+        table["cost_vs_at"] = table["seconds_per_epoch_mean"] / at.iloc[0]["seconds_per_epoch_mean"]
+        table["passes_vs_at"] = table["passes_mean"] / at.iloc[0]["passes_mean"]
+    else:
+        table["cost_vs_at"] = table["passes_vs_at"] = math.nan
+    table["_sort"] = table["autoattack_last_mean"].fillna(table["pgd20_last_mean"])
+    table = table.sort_values(["_sort", "row"], ascending=[False, True], na_position="last")
+    table = table[COLUMNS].reset_index(drop=True)
+    floats = table.select_dtypes("float").columns
+    table[floats] = table[floats].round(DECIMALS)  # drop float noise such as 1e-17 stds
+    table.attrs.update(_suite_meta(key, records, newest))
+    return table
+
+
+def _suite_meta(key: str, records: list[dict], newest: dict) -> dict:
+    suite = newest["suite"]
+    used = {d.get("name") for r in records for d in r["spec"].get("defenses", [])}
+    cards: dict[str, dict] = {}
+    for rec in sorted(records, key=created_at):  # newest card wins
+        cards.update({k: v for k, v in (rec.get("cards") or {}).items()
+                      if k in used and isinstance(v, dict)})
+    return {"key": key, "name": suite["name"], "hash": suite["hash"],
+            "description": suite.get("description", ""), "seeds": list(suite.get("seeds") or []),
+            "cards": dict(sorted(cards.items())), "n_records": len(records),
+            "current": "@" not in key}
+
+
+def compile_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
+    """One leaderboard table per suite key (see the module docstring), in key order.
+
+    Suite metadata (name, hash, description, seeds, cards) sits in each table's `attrs`.
+    """
+    return {key: suite_table(key, recs) for key, recs in prepare(records).items()}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs ROBench (into .venv), runs the fmnist-quick suite for every defense
+# and the AT baseline over the suite's seeds, and compiles the leaderboard into
+# results/leaderboard/. Resumable: run it again after an interruption.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+python scripts/run_full_evaluation.py --suite fmnist-quick "$@"
+echo
+echo "leaderboard: $ROOT/results/leaderboard/leaderboard.md"
+cat "$ROOT/results/leaderboard/leaderboard.md"

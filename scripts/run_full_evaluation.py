@@ -1,0 +1,91 @@
+"""Run a suite for every registered defense (or a given list), then compile the
+leaderboard. Resumable: finished runs are skipped, half-done runs continue.
+
+    python scripts/run_full_evaluation.py --suite fmnist-quick
+    python scripts/run_full_evaluation.py --suite cifar10-linf --defenses awp --seeds 0,1,2
+
+Each entry of --defenses is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g.
+`trades+awp`); the plain methods of --methods (default: at) are always run as
+baselines, so every row has its reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.config import (  # noqa: E402
+    METHODS,
+    ConfigError,
+    RunSpec,
+    load_suite,
+    parse_defense_arg,
+)
+from bench.runner import run_one, validate_spec  # noqa: E402
+from defenses.base import list_defenses  # noqa: E402
+
+
+def plan(suite_name: str, defenses: list[str] | None, methods: list[str],
+         seeds: list[int] | None) -> list[RunSpec]:
+    suite = load_suite(suite_name)
+    seeds = seeds if seeds is not None else list(suite.seeds)
+    combos: list[tuple[str, tuple]] = [(m, ()) for m in methods]
+    names = defenses if defenses is not None else list(list_defenses())
+    for entry in names:
+        parts = entry.split("+")
+        method = parts[0] if parts[0] in METHODS else methods[0]
+        defense_args = parts[1:] if parts[0] in METHODS else parts
+        combos.append((method, tuple(parse_defense_arg(d) for d in defense_args)))
+    specs = [RunSpec(suite.name, m, d, seed) for m, d in combos for seed in seeds]
+    for spec in specs:
+        validate_spec(spec, suite)  # fail before any training
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="fmnist-quick")
+    parser.add_argument("--defenses", default=None,
+                        help="comma-separated defenses (default: every registered one)")
+    parser.add_argument("--methods", default="at", help="baseline methods, comma-separated")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: the suite's)")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--out", default=None,
+                        help="leaderboard folder (default RESULTS/leaderboard)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        specs = plan(
+            args.suite,
+            None if args.defenses is None else [d for d in args.defenses.split(",") if d],
+            [m for m in args.methods.split(",") if m],
+            None if args.seeds is None else [int(s) for s in args.seeds.split(",")],
+        )
+    except (ConfigError, ValueError) as exc:
+        print(f"run_full_evaluation: error: {exc}", file=sys.stderr)
+        return 2
+    suite = load_suite(args.suite)
+    start = time.perf_counter()
+    for number, spec in enumerate(specs, 1):
+        print(f"[{number}/{len(specs)}] {spec.row_name} seed {spec.seed} "
+              f"({time.perf_counter() - start:.0f}s elapsed)", flush=True)
+        result = run_one(spec, Path(args.results), data_root=args.data_root,
+                         device=args.device, progress=not args.quiet, suite=suite)
+        print(f"    record: {result.record_path}", flush=True)
+    from leaderboard.compile import write_leaderboard
+
+    out = Path(args.out) if args.out else Path(args.results) / "leaderboard"
+    for path in write_leaderboard(Path(args.results), out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The engine's invariants (DESIGN.md): zero strength reproduces the plain
+method bit for bit, weights are clean outside `around_update`, resume equals an
+uninterrupted run, slots are single-owner, non-finite losses stop the run."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import with_train
+
+from bench.config import ConfigError, DefenseSpec, RunSpec
+from bench.engine import NonFiniteLossError, Trainer, learning_rate
+from bench.records import load_checkpoint, read_history
+from bench.state import kernel_parameters
+from defenses.base import Defense, DefenseCard, build_defenses
+
+PROBE_CARD = DefenseCard(name="probe", paper="test")
+
+
+def train(tmp: Path, suite, splits, method="at", defenses=(), seed=0, stop=None,
+          instances=None) -> Trainer:
+    spec = RunSpec(suite.name, method, tuple(defenses), seed)
+    trainer = Trainer(spec, suite, splits, tmp, device=torch.device("cpu"), progress=False)
+    if instances is not None:  # inject defense objects that are not registered
+        original = trainer.build
+
+        def build():
+            state = original()
+            trainer.defenses = instances
+            for d in instances:
+                d.bind_random_stream(seed, torch.device("cpu"))
+            return state
+        trainer.build = build  # type: ignore[method-assign]
+    trainer.train(stop_after_epochs=stop)
+    return trainer
+
+
+def model_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_zero_strength_awp_is_plain_method_bit_for_bit(tmp_path, smoke_suite, smoke_splits,
+                                                      method):
+    plain = train(tmp_path / "plain", smoke_suite, smoke_splits, method=method)
+    zero = train(tmp_path / "zero", smoke_suite, smoke_splits, method=method,
+                 defenses=[DefenseSpec("awp", (("gamma", 0.0), ("warmup", 0.0)))])
+    assert_same_state(model_state(plain.run_dir), model_state(zero.run_dir))
+    # and a real strength changes the result, so the comparison can fail
+    real = train(tmp_path / "real", smoke_suite, smoke_splits, method=method,
+                 defenses=[DefenseSpec("awp", (("gamma", 0.05), ("warmup", 0.0)))])
+    a, b = model_state(plain.run_dir), model_state(real.run_dir)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_awp_warmup_never_reached_is_plain_at(tmp_path, smoke_suite, smoke_splits):
+    plain = train(tmp_path / "plain", smoke_suite, smoke_splits)
+    late = train(tmp_path / "late", smoke_suite, smoke_splits,
+                 defenses=[DefenseSpec("awp", (("gamma", 0.05), ("warmup", 1.0)))])
+    assert_same_state(model_state(plain.run_dir), model_state(late.run_dir))
+
+
+class RandomConsumer(Defense):
+    """Draws from its own stream and the second batch stream, changes nothing."""
+
+    name = "random_consumer"
+    card = PROBE_CARD
+
+    def before_attack(self, state):
+        torch.rand(5, generator=self.generator)
+        state.draw_batch()
+
+
+def test_defense_randomness_never_shifts_data_or_attack(tmp_path, smoke_suite, smoke_splits):
+    plain = train(tmp_path / "plain", smoke_suite, smoke_splits)
+    noisy = train(tmp_path / "noisy", smoke_suite, smoke_splits, instances=[RandomConsumer()])
+    assert_same_state(model_state(plain.run_dir), model_state(noisy.run_dir))
+
+
+class CleanWeightsProbe(Defense):
+    """Records the kernels outside and inside `around_update` (nested inside AWP)."""
+
+    name = "probe"
+    card = PROBE_CARD
+
+    def __init__(self):
+        super().__init__()
+        self.inside_differs: list[bool] = []
+        self.after_step_weights: list[torch.Tensor] = []
+        self.before: list[torch.Tensor] = []
+
+    def after_attack(self, state):
+        self.before = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+
+    @contextlib.contextmanager
+    def around_update(self, state):
+        now = [p.detach() for _, p in kernel_parameters(state.model)]
+        self.inside_differs.append(any(not torch.equal(a, b) for a, b in zip(self.before, now)))
+        yield
+
+    def after_step(self, state):
+        self.after_step_weights = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+
+
+def test_weights_clean_outside_around_update(tmp_path, smoke_suite, smoke_splits):
+    from defenses.awp import AWP
+
+    probe = CleanWeightsProbe()
+    trainer = train(tmp_path, smoke_suite, smoke_splits,
+                    instances=[AWP(gamma=0.05, warmup=0.0), probe])
+    assert probe.inside_differs and all(probe.inside_differs)  # perturbed inside
+    saved = load_checkpoint(trainer.run_dir / "last.pt")["model"]
+    names = [n for n, _ in kernel_parameters(trainer.model)]
+    for name, weight in zip(names, probe.after_step_weights):
+        assert torch.equal(saved[name], weight)  # checkpoint = weights after the restore
+
+
+def test_awp_restores_weights_without_a_step(smoke_suite, smoke_splits, tmp_path):
+    from defenses.awp import AWP
+
+    spec = RunSpec("smoke", "at", (), 0)
+    trainer = Trainer(spec, smoke_suite, smoke_splits, tmp_path, progress=False)
+    state = trainer.build()
+    x, y, _ = next(iter(trainer.loader))
+    state.x, state.y = x, y
+    state.x_adv = trainer.method.attack(state)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    buffers = {n: b.clone() for n, b in trainer.model.named_buffers()}
+    with AWP(gamma=0.05, warmup=0.0).around_update(state):
+        moved = [not torch.equal(before[n], p) for n, p in kernel_parameters(trainer.model)]
+        assert all(moved)
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
+    for name, b in trainer.model.named_buffers():  # BN statistics untouched by the ascent
+        assert torch.equal(b, buffers[name]), name
+
+
+@pytest.mark.parametrize("defenses", [(), (DefenseSpec("awp"),)])
+def test_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits, defenses):
+    suite = with_train(smoke_suite, epochs=3)
+    full = train(tmp_path / "full", suite, smoke_splits, defenses=defenses)
+    train(tmp_path / "cut", suite, smoke_splits, defenses=defenses, stop=1)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    resumed = train(tmp_path / "cut", suite, smoke_splits, defenses=defenses)
+    assert_same_state(model_state(full.run_dir), model_state(resumed.run_dir))
+    strip = ("seconds", "curve_seconds")
+    a = [{k: v for k, v in r.items() if k not in strip} for r in read_history(full.run_dir
+                                                                                / "history.jsonl")]
+    b = [{k: v for k, v in r.items() if k not in strip} for r in read_history(resumed.run_dir
+                                                                                / "history.jsonl")]
+    assert a == b and len(a) == 3
+    best_a = load_checkpoint(full.run_dir / "best.pt")["model"]
+    best_b = load_checkpoint(resumed.run_dir / "best.pt")["model"]
+    assert_same_state(best_a, best_b)
+
+
+class ObjectiveA(Defense):
+    name = "objective_a"
+    card = PROBE_CARD
+    slots = ("objective",)
+
+
+class ObjectiveB(Defense):
+    name = "objective_b"
+    card = PROBE_CARD
+    slots = ("objective",)
+
+
+def test_conflicting_slot_is_refused(smoke_suite, monkeypatch):
+    import defenses.base as base
+
+    monkeypatch.setitem(base._REGISTRY, "objective_a", ObjectiveA)
+    monkeypatch.setitem(base._REGISTRY, "objective_b", ObjectiveB)
+    with pytest.raises(ConfigError, match=r"objective_a.*objective_b.*'objective' slot"):
+        build_defenses((DefenseSpec("objective_a"), DefenseSpec("objective_b")), "at",
+                       smoke_suite)
+    assert len(build_defenses((DefenseSpec("objective_a"),), "at", smoke_suite)) == 1
+
+
+def test_unknown_names_list_the_valid_ones(smoke_suite):
+    with pytest.raises(ConfigError, match=r"unknown defense 'nope'.*awp"):
+        build_defenses((DefenseSpec("nope"),), "at", smoke_suite)
+    with pytest.raises(ConfigError, match=r"no parameter\(s\) \['gama'\].*gamma"):
+        build_defenses((DefenseSpec("awp", (("gama", 0.1),)),), "at", smoke_suite)
+    with pytest.raises(ConfigError, match=r"does not compose with method 'fgsm_rs'"):
+        build_defenses((DefenseSpec("awp"),), "fgsm_rs", smoke_suite)
+    from bench.config import check_method
+
+    with pytest.raises(ConfigError, match=r"unknown method 'pgd'.*'at'"):
+        check_method("pgd")
+
+
+def test_method_defaults_for_trades_awp(smoke_suite):
+    (awp,) = build_defenses((DefenseSpec("awp"),), "trades", smoke_suite)
+    assert awp.gamma == 0.005 and awp.warmup == 0.05
+    (awp,) = build_defenses((DefenseSpec("awp", (("gamma", 0.02),)),), "trades", smoke_suite)
+    assert awp.gamma == 0.02
+
+
+class NaNAtEpoch2(Defense):
+    name = "nan_probe"
+    card = PROBE_CARD
+
+    def add_losses(self, state):
+        if state.epoch == 1:
+            return {"bad": torch.tensor(float("nan"))}
+        return None
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_suite,
+                                                              smoke_splits):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*last good checkpoint.*epoch 1"):
+        train(tmp_path, smoke_suite, smoke_splits, instances=[NaNAtEpoch2()])
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len(read_history(tmp_path / "history.jsonl")) == 1
+
+
+@pytest.mark.parametrize("method", ["at", "trades", "fgsm_rs", "n_fgsm", "standard"])
+def test_every_method_trains_and_logs_curves(tmp_path, smoke_suite, smoke_splits, method):
+    suite = with_train(smoke_suite, epochs=1)
+    trainer = train(tmp_path, suite, smoke_splits, method=method)
+    (row,) = read_history(trainer.run_dir / "history.jsonl")
+    for key in ("train_robust", "val_robust", "train_clean", "val_clean", "train_loss"):
+        assert 0 <= row[key] <= (1 if key != "train_loss" else 100), key
+    assert row["forward_passes"] > 0 and row["backward_passes"] > 0
+    assert (trainer.run_dir / "best.pt").exists()
+
+
+def test_piecewise_and_cyclic_schedules(smoke_suite):
+    s = with_train(smoke_suite, epochs=10, lr=0.1, milestones=(0.5, 0.75))
+    assert learning_rate(s, 0) == 0.1 and learning_rate(s, 4.99) == 0.1
+    assert learning_rate(s, 5) == pytest.approx(0.01)
+    assert learning_rate(s, 7.5) == pytest.approx(0.001)
+    c = with_train(smoke_suite, epochs=10, lr=0.2, schedule="cyclic", cyclic_peak=0.4)
+    assert learning_rate(c, 0) == 0 and learning_rate(c, 4) == pytest.approx(0.2)
+    assert learning_rate(c, 7) == pytest.approx(0.1)
+    w = with_train(smoke_suite, epochs=10, lr=0.1, warmup_epochs=2)
+    assert learning_rate(w, 1) == pytest.approx(0.05)
+
+
+def test_mismatched_run_folder_is_refused(tmp_path, smoke_suite, smoke_splits):
+    from bench.engine import RunMismatchError
+
+    suite = with_train(smoke_suite, epochs=2)
+    train(tmp_path, suite, smoke_splits, stop=1)
+    other = RunSpec(suite.name, "trades", (), 0)
+    with pytest.raises(RunMismatchError, match="another run"):
+        Trainer(other, suite, smoke_splits, tmp_path, progress=False).train()

@@ -1,0 +1,210 @@
+"""Leaderboard compiler on synthetic records: aggregation, marking, robustness, outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from leaderboard.compile import (
+    LeaderboardWarning,
+    RecordsNotFoundError,
+    compile_tables,
+    load_records,
+    main,
+    write_leaderboard,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HASH = "a" * 64
+OLD_HASH = "b" * 64
+
+
+def make_record(row_name: str = "AT", method: str = "at", defenses: list | None = None,
+                seed: int = 0, suite: str = "quick", suite_hash: str = HASH,
+                aa_last: float | None = 0.40, pgd_best: float = 0.55, pgd_last: float = 0.45,
+                aa_best: float | None = 0.50, spe: float = 2.0, passes: int = 1000,
+                created: str = "2025-01-01T00:00:00+00:00", extra_models: dict | None = None,
+                flags: list | None = None) -> dict:
+    """A schema-1 record with the given headline numbers."""
+    defenses = defenses or []
+    ckpt = {"best": {"clean": 0.80, "pgd20": pgd_best, "cw20": 0.5, "autoattack": aa_best,
+                     "n": 100},
+            "last": {"clean": 0.85, "pgd20": pgd_last, "cw20": 0.4, "autoattack": aa_last,
+                     "n": 100}}
+    names = "-".join(d["name"] for d in defenses)
+    return {
+        "schema": 1, "run_id": f"{method}{names}{seed}", "row_name": row_name,
+        "spec": {"suite": suite, "method": method, "defenses": defenses, "seed": seed},
+        "suite": {"name": suite, "hash": suite_hash, "seeds": [0, 1, 2],
+                  "description": "A quick suite."},
+        "metrics": {"model": ckpt, **(extra_models or {})},
+        "history": {"best_epoch": 3 + seed, "epochs": 10,
+                    "curves": {"epoch": [1, 2, 3], "train_robust": [0.3, 0.5, 0.7],
+                               "val_robust": [0.3, 0.4, 0.35], "train_clean": [0.5] * 3,
+                               "val_clean": [0.5] * 3, "train_loss": [1.0] * 3, "lr": [0.1] * 3}},
+        "cost": {"train_seconds": 10 * spe, "seconds_per_epoch": [spe] * 10,
+                 "eval_seconds": 1.0, "forward_passes": passes, "backward_passes": passes,
+                 "pretraining_seconds": 0.0},
+        "flags": flags or [], "extra_pretraining": [],
+        "cards": {d["name"]: {"name": d["name"].upper(), "paper": f"Paper on {d['name']}",
+                              "link": f"https://example.org/{d['name']}"} for d in defenses},
+        "autoattack": {"version": "standard"}, "versions": {}, "device": "cpu",
+        "created": created,
+    }
+
+
+def write(results: Path, rec: dict, folder: str | None = None) -> Path:
+    path = results / rec["spec"]["suite"] / (folder or rec["run_id"]) / "record.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+AWP = [{"name": "awp", "params": {"gamma": 0.01}}]
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """AT with 3 seeds; AT+AWP with 2 seeds, twice as slow, plus an EMA model and a flag."""
+    res = tmp_path / "results"
+    for seed, aa in enumerate([0.40, 0.42, 0.44]):
+        write(res, make_record(seed=seed, aa_last=aa, pgd_last=0.45 + 0.01 * seed))
+    ema = {"ema": {"best": {"clean": 0.8, "pgd20": 0.6, "cw20": 0.5, "autoattack": 0.55},
+                   "last": {"clean": 0.8, "pgd20": 0.58, "cw20": 0.5, "autoattack": 0.54}}}
+    flag = [{"check": "aa_pgd_gap", "model": "model", "checkpoint": "last", "message": "x"}]
+    for seed in (0, 1):
+        write(res, make_record("AT+AWP", defenses=AWP, seed=seed, aa_last=0.50, spe=4.0,
+                               passes=3000, extra_models=ema, flags=flag if seed else None))
+    return res
+
+
+def quick(results: Path) -> pd.DataFrame:
+    return compile_tables(load_records(results))["quick"].set_index("row")
+
+
+def test_mean_std_gap_and_seeds(results: Path) -> None:
+    t = quick(results)
+    at = t.loc["AT"]
+    assert at["autoattack_last_mean"] == pytest.approx(0.42)
+    assert at["autoattack_last_std"] == pytest.approx(0.02)  # sample std over seeds
+    assert at["gap_pgd20_mean"] == pytest.approx(0.55 - 0.46)
+    assert at["gap_autoattack_mean"] == pytest.approx(0.50 - 0.42)
+    assert at["best_epoch_mean"] == pytest.approx(4.0)
+    assert at["seeds"] == "3/3" and at["n_seeds"] == 3
+    assert t.loc["AT+AWP", "seeds"] == "2/3 ⚠"
+
+
+def test_sort_order_models_and_flags(results: Path) -> None:
+    t = quick(results)
+    assert list(t.index) == ["AT+AWP [ema]", "AT+AWP", "AT"]
+    assert t.loc["AT+AWP", "flags"] == "aa_pgd_gap"
+    assert t.loc["AT+AWP [ema]", "flags"] == ""  # the flag was for the main model only
+
+
+def test_cost_ratio_vs_at(results: Path, tmp_path: Path) -> None:
+    t = quick(results)
+    assert t.loc["AT", "cost_vs_at"] == pytest.approx(1.0)
+    assert t.loc["AT+AWP", "cost_vs_at"] == pytest.approx(2.0)
+    assert t.loc["AT+AWP", "passes_vs_at"] == pytest.approx(3.0)
+    lone = tmp_path / "lone"
+    write(lone, make_record("AT+AWP", defenses=AWP))
+    assert compile_tables(load_records(lone))["quick"]["cost_vs_at"].isna().all()
+
+
+def test_null_autoattack_falls_back_to_pgd_for_sorting(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    write(res, make_record(aa_last=None, aa_best=None, pgd_last=0.30))
+    write(res, make_record("AT+AWP", defenses=AWP, aa_last=None, aa_best=None, pgd_last=0.35))
+    t = compile_tables(load_records(res))["quick"]
+    assert list(t["row"]) == ["AT+AWP", "AT"]
+    assert t["autoattack_last_mean"].isna().all() and t["gap_autoattack_mean"].isna().all()
+    md = (tmp_path / "out" / "leaderboard.md")
+    write_leaderboard(res, md.parent, plots=False)
+    assert "| – |" in md.read_text()
+
+
+def test_corrupt_record_is_skipped_with_warning(results: Path) -> None:
+    bad = results / "quick" / "broken" / "record.json"
+    bad.parent.mkdir()
+    bad.write_text("{not json")
+    wrong = write(results, {**make_record(seed=9), "schema": 7}, folder="wrong")
+    with pytest.warns(LeaderboardWarning) as caught:
+        recs = load_records(results)
+    text = " ".join(str(w.message) for w in caught)
+    assert str(bad) in text and str(wrong) in text and "schema" in text
+    assert len(recs) == 5
+
+
+def test_no_records_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecordsNotFoundError, match="robench run"):
+        load_records(tmp_path / "empty")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_records(tmp_path / "missing")
+    assert main(["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_suite_hashes_are_not_mixed(results: Path) -> None:
+    write(results, make_record(seed=0, suite_hash=OLD_HASH, aa_last=0.10,
+                               created="2024-01-01T00:00:00Z"), folder="old")
+    with pytest.warns(LeaderboardWarning, match="older suite file"):
+        tables = compile_tables(load_records(results))
+    assert set(tables) == {"quick", f"quick@{OLD_HASH[:8]}"}
+    assert tables["quick"].set_index("row").loc["AT", "autoattack_last_mean"] == pytest.approx(0.42)
+    assert tables[f"quick@{OLD_HASH[:8]}"]["autoattack_last_mean"].tolist() == [0.10]
+
+
+def test_duplicate_seed_is_deduplicated(results: Path) -> None:
+    write(results, make_record(seed=0, aa_last=0.40), folder="copy")
+    with pytest.warns(LeaderboardWarning, match="duplicate run AT seed 0"):
+        t = quick(results)
+    assert t.loc["AT", "n_seeds"] == 3
+    assert t.loc["AT", "autoattack_last_mean"] == pytest.approx(0.42)
+
+
+def test_same_row_name_different_params_are_separate_rows(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    write(res, make_record("AT+AWP", defenses=AWP))
+    write(res, make_record("AT+AWP", defenses=[{"name": "awp", "params": {"gamma": 0.005}}]),
+          folder="other")
+    rows = set(compile_tables(load_records(res))["quick"]["row"])
+    assert rows == {"AT+AWP (awp(gamma=0.01))", "AT+AWP (awp(gamma=0.005))"}
+
+
+def test_written_files_markdown_and_csv_roundtrip(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    paths = write_leaderboard(results, out)
+    names = [p.name for p in paths]
+    assert names[:3] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json"]
+    assert "curves_quick.png" in names and all(p.exists() for p in paths)
+    md = (out / "leaderboard.md").read_text()
+    assert "## quick" in md and "A quick suite." in md and HASH[:12] in md
+    for row in ("| AT |", "| AT+AWP |", "| AT+AWP [ema] |", "2/3 ⚠", "42.00 ± 2.00", "2.00×"):
+        assert row in md
+    assert "**AWP** (`awp`)" in md and "https://example.org/awp" in md
+    written = pd.concat(compile_tables(load_records(results)).values(), ignore_index=True)
+    back = pd.read_csv(out / "leaderboard.csv")
+    assert list(back.columns) == list(written.columns) and back.columns[0] == "suite"
+    numeric = written.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(back[numeric], written[numeric], check_dtype=False)
+    assert back["row"].tolist() == written["row"].tolist()
+    doc = json.loads((out / "leaderboard.json").read_text())
+    assert doc["suites"]["quick"]["hash"] == HASH and len(doc["rows"]) == 3
+    assert {r["suite"] for r in doc["rows"]} == {"quick"}
+
+
+def test_cli(results: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--results", str(results), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    assert "leaderboard.md" in capsys.readouterr().out
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, leaderboard.compile; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'defenses', 'bench')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
