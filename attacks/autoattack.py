@@ -97,19 +97,45 @@ def build_autoattack(
         raise ValueError(f"unknown AutoAttack version {version!r}; expected one of {VERSIONS}")
     device = str(device)
     if version == "standard":
-        adversary = AutoAttack(model, eps=eps, norm="Linf", version="standard", device=device,
-                               seed=seed)
+        adversary = AutoAttack(
+            model, eps=eps, norm="Linf", version="standard", device=device, seed=seed
+        )
     else:
-        adversary = AutoAttack(model, eps=eps, norm="Linf", version="custom",
-                               attacks=list(REDUCED_ATTACKS), device=device, seed=seed)
+        adversary = AutoAttack(
+            model,
+            eps=eps,
+            norm="Linf",
+            version="custom",
+            attacks=list(REDUCED_ATTACKS),
+            device=device,
+            seed=seed,
+        )
         # Rebuilt (not patched) so that APGD derives its checkpoint schedule from n_iter.
-        adversary.apgd = APGDAttack(model, n_restarts=1, n_iter=REDUCED_N_ITER, eps=eps,
-                                    norm="Linf", eot_iter=1, rho=0.75, seed=seed, device=device,
-                                    logger=adversary.logger)
+        adversary.apgd = APGDAttack(
+            model,
+            n_restarts=1,
+            n_iter=REDUCED_N_ITER,
+            eps=eps,
+            norm="Linf",
+            eot_iter=1,
+            rho=0.75,
+            seed=seed,
+            device=device,
+            logger=adversary.logger,
+        )
         adversary.apgd_targeted = APGDAttack_targeted(
-            model, n_restarts=1, n_iter=REDUCED_N_ITER, eps=eps, norm="Linf", eot_iter=1,
-            rho=0.75, seed=seed, device=device, n_target_classes=REDUCED_N_TARGET_CLASSES,
-            logger=adversary.logger)
+            model,
+            n_restarts=1,
+            n_iter=REDUCED_N_ITER,
+            eps=eps,
+            norm="Linf",
+            eot_iter=1,
+            rho=0.75,
+            seed=seed,
+            device=device,
+            n_target_classes=REDUCED_N_TARGET_CLASSES,
+            logger=adversary.logger,
+        )
     adversary.verbose = True  # the log is always produced; run_autoattack decides where it goes
     for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square):
         attack.verbose = verbose
@@ -121,8 +147,12 @@ def build_autoattack(
 
 def autoattack_settings(adversary: AutoAttack) -> dict[str, Any]:
     """The settings of a constructed adversary, read back from its attack objects."""
-    apgd, apgd_t, fab, square = (adversary.apgd, adversary.apgd_targeted, adversary.fab,
-                                 adversary.square)
+    apgd, apgd_t, fab, square = (
+        adversary.apgd,
+        adversary.apgd_targeted,
+        adversary.fab,
+        adversary.square,
+    )
     return {
         "package": "pyautoattack",
         "package_version": _pyautoattack_version(),
@@ -132,16 +162,30 @@ def autoattack_settings(adversary: AutoAttack) -> dict[str, Any]:
         "eps": float(adversary.epsilon),
         "seed": adversary.seed,
         "attacks_to_run": list(adversary.attacks_to_run),
-        "apgd": {"n_iter": apgd.n_iter, "n_restarts": apgd.n_restarts,
-                 "eot_iter": apgd.eot_iter, "rho": apgd.thr_decr,
-                 "use_largereps": apgd.use_largereps},
-        "apgd_targeted": {"n_iter": apgd_t.n_iter, "n_restarts": apgd_t.n_restarts,
-                          "n_target_classes": apgd_t.n_target_classes,
-                          "loss": apgd_t.loss, "eot_iter": apgd_t.eot_iter},
-        "fab": {"n_iter": fab.n_iter, "n_restarts": fab.n_restarts,
-                "n_target_classes": fab.n_target_classes},
-        "square": {"n_queries": square.n_queries, "n_restarts": square.n_restarts,
-                   "p_init": square.p_init},
+        "apgd": {
+            "n_iter": apgd.n_iter,
+            "n_restarts": apgd.n_restarts,
+            "eot_iter": apgd.eot_iter,
+            "rho": apgd.thr_decr,
+            "use_largereps": apgd.use_largereps,
+        },
+        "apgd_targeted": {
+            "n_iter": apgd_t.n_iter,
+            "n_restarts": apgd_t.n_restarts,
+            "n_target_classes": apgd_t.n_target_classes,
+            "loss": apgd_t.loss,
+            "eot_iter": apgd_t.eot_iter,
+        },
+        "fab": {
+            "n_iter": fab.n_iter,
+            "n_restarts": fab.n_restarts,
+            "n_target_classes": fab.n_target_classes,
+        },
+        "square": {
+            "n_queries": square.n_queries,
+            "n_restarts": square.n_restarts,
+            "p_init": square.p_init,
+        },
     }
 
 
@@ -212,8 +256,15 @@ def run_autoattack(
         device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
     x = x.detach().float()
     y = y.detach().long()
-    adversary = build_autoattack(model, eps=eps, version=version, device=device, seed=seed,
-                                 log_path=log_path, verbose=verbose)
+    adversary = build_autoattack(
+        model,
+        eps=eps,
+        version=version,
+        device=device,
+        seed=seed,
+        log_path=log_path,
+        verbose=verbose,
+    )
     settings = autoattack_settings(adversary)
 
     logger = logging.getLogger(LOGGER_NAME)
@@ -222,21 +273,23 @@ def run_autoattack(
     log_handler = logging.StreamHandler(stream)
     log_handler.setLevel(logging.DEBUG)
     warn_handler = _WarningCollector()
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     start = time.perf_counter()
     try:
         logger.addHandler(log_handler)
         logger.addHandler(warn_handler)
         logger.setLevel(logging.DEBUG)
+        logger.propagate = False  # DEBUG progress must not reach the application's handlers
         with contextlib.ExitStack() as stack:
             caught = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
             stack.enter_context(contextlib.redirect_stdout(stream))
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
             stack.enter_context(_frozen_eval(model))
-            stack.enter_context(torch.autocast(device_type=torch.device(device).type,
-                                               enabled=False))
+            stack.enter_context(
+                torch.autocast(device_type=torch.device(device).type, enabled=False)
+            )
             x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
             clean = clean_accuracy(model, x, y, batch_size=batch_size)
             recheck = clean_accuracy(model, x_adv, y, batch_size=batch_size)
@@ -244,6 +297,7 @@ def run_autoattack(
         logger.removeHandler(log_handler)
         logger.removeHandler(warn_handler)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
         if log_path is not None:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(buffer.getvalue())
@@ -253,12 +307,23 @@ def run_autoattack(
     found += [f"{w.category.__name__}: {w.message}" for w in caught]
     robust = (y_adv.to(y.device) == y).float().mean().item() if len(y) else 0.0
     if abs(recheck - robust) > 1e-9:
-        found.append(f"robench: accuracy on the returned x_adv ({recheck:.4f}) differs from "
-                     f"AutoAttack's robust accuracy ({robust:.4f})")
+        found.append(
+            f"robench: a fresh forward pass on the returned x_adv gives {recheck:.4f} "
+            f"accuracy, AutoAttack's robust flags {robust:.4f} (numerics near the "
+            "decision boundary or a non-deterministic model)"
+        )
     max_pert = (x_adv - x).abs().amax().item() if len(x) else 0.0
     if max_pert > eps + 1e-5 or x_adv.min().item() < 0.0 or x_adv.max().item() > 1.0:
-        found.append(f"robench: x_adv leaves the eps-ball or [0, 1] (max |x_adv - x| = "
-                     f"{max_pert:.6f}, eps = {eps:.6f})")
-    return AutoAttackResult(robust_accuracy=robust, clean_accuracy=clean, x_adv=x_adv.detach(),
-                            log=buffer.getvalue(), warnings=found, settings=settings,
-                            seconds=seconds)
+        found.append(
+            f"robench: x_adv leaves the eps-ball or [0, 1] (max |x_adv - x| = "
+            f"{max_pert:.6f}, eps = {eps:.6f})"
+        )
+    return AutoAttackResult(
+        robust_accuracy=robust,
+        clean_accuracy=clean,
+        x_adv=x_adv.detach(),
+        log=buffer.getvalue(),
+        warnings=found,
+        settings=settings,
+        seconds=seconds,
+    )

@@ -288,7 +288,13 @@ def robust_accuracy(
         yb = y[i : i + batch_size].to(device, non_blocking=True)
         if steps > 0:
             xb = pgd(
-                model, xb, yb, eps=eps, step_size=step_size, steps=steps, loss=loss,
+                model,
+                xb,
+                yb,
+                eps=eps,
+                step_size=step_size,
+                steps=steps,
+                loss=loss,
                 generator=generator,
             )
         with torch.no_grad():

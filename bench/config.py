@@ -254,18 +254,23 @@ def parse_param_value(text: str) -> Any:
 
 def parse_defense_arg(arg: str) -> DefenseSpec:
     """Parse `name` or `name:key=value,key=value` (name may be `path/file.py:Class`)."""
-    name, params = arg, {}
-    # `path/to/file.py:Class:key=v` or `awp:gamma=0.01`
-    head, sep, tail = arg.rpartition(":")
-    if sep and "=" in tail:
-        name = head
-        for item in tail.split(","):
+    if ".py:" in arg:
+        path, _, rest = arg.partition(".py:")
+        class_name, sep, params_text = rest.partition(":")
+        name = f"{path}.py:{class_name}"
+    else:
+        name, sep, params_text = arg.partition(":")
+    params = {}
+    if sep:
+        for item in params_text.split(","):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(
                     f"--defense {arg!r}: expected NAME[:key=value,...], could not read {item!r}"
                 )
             params[key.strip()] = parse_param_value(value.strip())
+    if not name:
+        raise ConfigError(f"--defense {arg!r}: the defense name is empty")
     return DefenseSpec(name=name, params=tuple(sorted(params.items())))
 
 
@@ -315,8 +320,10 @@ METHOD_LABELS = {
 def row_name(method: str, defenses: list[str]) -> str:
     parts = [METHOD_LABELS.get(method, method)]
     for name in defenses:
-        label = Path(name.split(":")[0]).stem if ".py" in name else name
-        parts.append(label.upper().replace("_", "-") if ".py" not in name else label)
+        if ".py:" in name:
+            parts.append(name.rpartition(":")[2])  # a file-based defense: its class name
+        else:
+            parts.append(name.upper().replace("_", "-"))
     return "+".join(parts)
 
 

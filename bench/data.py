@@ -89,6 +89,7 @@ def load_raw(
 
     `dataset` is cifar10 | cifar100 | svhn (torchvision) | fashion-mnist (IDX files) |
     npz:<dir> (`train_*.npz` and `test.npz` holding `x` uint8 NHWC and `y`) | synthetic.
+    cifar10/cifar100/svhn read such shards from `<root>/<dataset>/` when they are there.
     `split` is "train" or "test". torchvision downloads only when the files are missing,
     `allow_download` is true and `$ROBENCH_OFFLINE` is unset. A missing dataset raises
     `DataNotFoundError`; nothing ever falls back to other data.
@@ -104,7 +105,11 @@ def load_raw(
     elif dataset == "fashion-mnist":
         x, y = _load_fashion_mnist(root_path, split, allow_download)
     elif dataset in ("cifar10", "cifar100", "svhn"):
-        x, y = _load_torchvision(dataset, root_path, split, allow_download)
+        shards = root_path / dataset
+        if (shards / "test.npz").is_file() and any(shards.glob("train_*.npz")):
+            x, y = _load_npz(shards, split)  # a folder of .npz shards under the data root
+        else:
+            x, y = _load_torchvision(dataset, root_path, split, allow_download)
     else:
         raise ConfigError(f"unknown dataset {dataset!r}; valid datasets are {list(DATASETS)}")
     if x.ndim == 3:

@@ -335,44 +335,14 @@ class Trainer:
         return TrainOutcome(self.run_dir, state.epoch, best["epoch"], state.epoch >= epochs)
 
     def _train_epoch(self, state: TrainState) -> dict[str, float]:
-        model, optimizer = self.model, self.optimizer
-        model.train()
+        self.model.train()
         for defense in self.defenses:
             defense.on_epoch_start(state)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = 0
         for x, y, index in self.loader:
-            fractional = state.epoch + state.step_in_epoch / state.batches_per_epoch
-            state.lr = learning_rate(self.suite, fractional)
-            state.eps = current_eps(self.suite, fractional)
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr
-            state.x, state.y, state.index = x, y, index
-            if "raw_batch" in self.capabilities:
-                state.raw_x = to_float(self.train_x_for(index), self.channels_last)
-            if "clean_logits" in self.capabilities:
-                with torch.no_grad(), preserved_bn_stats(model), state.autocast():
-                    state.clean_logits = model(x).float()
-                state.counter.add(fwd=1)
-            for defense in self.defenses:
-                defense.before_attack(state)
-            state.x_adv = self.method.attack(state)
-            for defense in self.defenses:
-                defense.after_attack(state)
-            model.train()
-            with contextlib.ExitStack() as stack:
-                for defense in self.defenses:
-                    stack.enter_context(defense.around_update(state))
-                optimizer.zero_grad(set_to_none=True)
-                loss = self._loss(state)
-                loss.backward()
-                state.counter.add(bwd=1)
-                for defense in self.defenses:
-                    defense.after_backward(state)
-                optimizer.step()
-            for defense in self.defenses:
-                defense.after_step(state)
+            loss = self.train_step(state, x, y, index)
             batch = len(state.y)
             loss_sum += loss.detach().float() * batch
             correct += (state.logits.detach().argmax(1) == state.y).sum()
@@ -387,6 +357,42 @@ class Trainer:
                  "train_adv_acc": float(correct) / max(1, seen)}
         stats.update(state.pop_logs())
         return stats
+
+    def train_step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+        """One training iteration on a batch: attack, hooks, update. Returns the loss."""
+        model, optimizer = self.model, self.optimizer
+        fractional = state.epoch + state.step_in_epoch / state.batches_per_epoch
+        state.lr = learning_rate(self.suite, fractional)
+        state.eps = current_eps(self.suite, fractional)
+        for group in optimizer.param_groups:
+            group["lr"] = state.lr
+        state.x, state.y, state.index = x, y, index
+        if "raw_batch" in self.capabilities:
+            state.raw_x = to_float(self.train_x_for(index), self.channels_last)
+        if "clean_logits" in self.capabilities:
+            with torch.no_grad(), preserved_bn_stats(model), state.autocast():
+                state.clean_logits = model(x).float()
+            state.counter.add(fwd=1)
+        for defense in self.defenses:
+            defense.before_attack(state)
+        state.x_adv = self.method.attack(state)
+        for defense in self.defenses:
+            defense.after_attack(state)
+        model.train()
+        with contextlib.ExitStack() as stack:
+            for defense in self.defenses:
+                stack.enter_context(defense.around_update(state))
+            optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(state)
+            loss.backward()
+            state.counter.add(bwd=1)
+            for defense in self.defenses:
+                defense.after_backward(state)
+            optimizer.step()
+        for defense in self.defenses:
+            defense.after_step(state)
+        return loss
 
     def train_x_for(self, index: torch.Tensor) -> torch.Tensor:
         """Unaugmented training images of the batch (raw_batch capability)."""

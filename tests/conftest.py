@@ -16,7 +16,7 @@ SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 @pytest.fixture(autouse=True)
 def _cpu_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

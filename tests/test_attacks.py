@@ -65,8 +65,17 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def test_pgd_stays_in_ball_and_box(trained, loss, random_start):
     model, x, y = trained
     x, y = x[:128], y[:128]
-    x_adv = pgd(model, x, y, eps=EPS, step_size=STEP, steps=5, loss=loss,
-                random_start=random_start, generator=_gen())
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        eps=EPS,
+        step_size=STEP,
+        steps=5,
+        loss=loss,
+        random_start=random_start,
+        generator=_gen(),
+    )
     assert x_adv.shape == x.shape and x_adv.dtype == torch.float32
     assert not x_adv.requires_grad
     assert (x_adv - x).abs().max().item() <= EPS + 1e-6
@@ -80,16 +89,19 @@ def test_pgd_lowers_accuracy(trained, loss):
     x, y = x[:500], y[:500]
     clean = _acc(model, x, y)
     assert clean > 0.8
-    adv = _acc(model, pgd(model, x, y, eps=EPS, step_size=STEP, steps=10, loss=loss,
-                          generator=_gen()), y)
+    adv = _acc(
+        model, pgd(model, x, y, eps=EPS, step_size=STEP, steps=10, loss=loss, generator=_gen()), y
+    )
     assert adv < clean - 0.2
 
 
 def test_more_steps_do_not_raise_accuracy(trained):
     model, x, y = trained
     x, y = x[:500], y[:500]
-    accs = [robust_accuracy(model, x, y, eps=EPS, step_size=EPS / 4, steps=k, generator=_gen())
-            for k in (0, 1, 5, 20)]
+    accs = [
+        robust_accuracy(model, x, y, eps=EPS, step_size=EPS / 4, steps=k, generator=_gen())
+        for k in (0, 1, 5, 20)
+    ]
     assert accs[0] == pytest.approx(_acc(model, x, y))
     for fewer, more in zip(accs, accs[1:]):
         assert more <= fewer + 0.01, accs
@@ -121,17 +133,19 @@ def test_n_fgsm_exceeds_eps_but_stays_in_box(trained):
 def test_no_weight_gradients_and_mode_untouched(trained):
     model, x, y = trained
     x, y = x[:64], y[:64]
-    bn_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    bn_model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)
+    )
+    attacks = (
+        lambda m: pgd(m, x, y, eps=EPS, step_size=STEP, steps=3, loss="kl"),
+        lambda m: pgd(m, x, y, eps=EPS, step_size=STEP, steps=3, loss="cw"),
+        lambda m: fgsm_rs(m, x, y, eps=EPS, step_size=1.25 * EPS),
+        lambda m: n_fgsm(m, x, y, eps=EPS),
+    )
     for m, train in ((model, False), (bn_model, True), (bn_model, False)):
         m.train(train)
-        for attack in (
-            lambda: pgd(m, x, y, eps=EPS, step_size=STEP, steps=3, loss="kl"),
-            lambda: pgd(m, x, y, eps=EPS, step_size=STEP, steps=3, loss="cw"),
-            lambda: fgsm_rs(m, x, y, eps=EPS, step_size=1.25 * EPS),
-            lambda: n_fgsm(m, x, y, eps=EPS),
-        ):
-            attack()
+        for attack in attacks:
+            attack(m)
             assert all(p.grad is None for p in m.parameters())
             assert all(mod.training == train for mod in m.modules())
     model.eval()
@@ -153,8 +167,10 @@ def test_reproducible_with_generator(trained):
         b = pgd(model, x, y, eps=EPS, step_size=STEP, steps=2, loss=loss, generator=_gen(7))
         c = pgd(model, x, y, eps=EPS, step_size=STEP, steps=2, loss=loss, generator=_gen(8))
         assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(n_fgsm(model, x, y, eps=EPS, generator=_gen(3)),
-                       n_fgsm(model, x, y, eps=EPS, generator=_gen(3)))
+    assert torch.equal(
+        n_fgsm(model, x, y, eps=EPS, generator=_gen(3)),
+        n_fgsm(model, x, y, eps=EPS, generator=_gen(3)),
+    )
     # the global RNG is not consumed when a generator is given
     state = torch.get_rng_state()
     pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, generator=_gen())
@@ -165,16 +181,26 @@ def test_reproducible_with_generator(trained):
 def test_bfloat16_autocast(trained, loss):
     model, x, y = trained
     x, y = x[:256], y[:256]
-    x_adv = pgd(model, x, y, eps=EPS, step_size=STEP, steps=5, loss=loss, generator=_gen(),
-                autocast_dtype=torch.bfloat16)
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        eps=EPS,
+        step_size=STEP,
+        steps=5,
+        loss=loss,
+        generator=_gen(),
+        autocast_dtype=torch.bfloat16,
+    )
     assert x_adv.dtype == torch.float32
     assert (x_adv - x).abs().max().item() <= EPS + 1e-6
     assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
     assert _acc(model, x_adv, y) < _acc(model, x, y) - 0.2
     for attack in (fgsm_rs, n_fgsm):
         kwargs = {"step_size": 1.25 * EPS} if attack is fgsm_rs else {}
-        out = attack(model, x, y, eps=EPS, generator=_gen(), autocast_dtype=torch.bfloat16,
-                     **kwargs)
+        out = attack(
+            model, x, y, eps=EPS, generator=_gen(), autocast_dtype=torch.bfloat16, **kwargs
+        )
         assert out.dtype == torch.float32
 
 
@@ -188,8 +214,17 @@ def test_counter(trained):
     pgd(model, x, y, eps=EPS, step_size=STEP, steps=4, loss="kl", counter=counter)
     assert counter == {"fwd": 5, "bwd": 4}  # + the clean forward for p(x)
     counter = {}
-    pgd(model, x, y, eps=EPS, step_size=STEP, steps=4, loss="kl", counter=counter,
-        clean_logits=model(x))
+    pgd(
+        model,
+        x,
+        y,
+        eps=EPS,
+        step_size=STEP,
+        steps=4,
+        loss="kl",
+        counter=counter,
+        clean_logits=model(x),
+    )
     assert counter == {"fwd": 4, "bwd": 4}
     counter = {"fwd": 1, "bwd": 1}
     fgsm_rs(model, x, y, eps=EPS, step_size=EPS, counter=counter)
@@ -203,7 +238,8 @@ def test_losses():
     assert torch.allclose(cw_margin(logits, y), torch.tensor([-1.0, 4.0]))
     assert attack_loss("cw", logits, y).item() == pytest.approx(3.0)
     assert attack_loss("ce", logits, y).item() == pytest.approx(
-        F.cross_entropy(logits, y, reduction="sum").item())
+        F.cross_entropy(logits, y, reduction="sum").item()
+    )
     p = logits.softmax(1)
     assert attack_loss("kl", logits, y, p).item() == pytest.approx(0.0, abs=1e-6)
     q = torch.full_like(p, 1 / 3)
@@ -225,8 +261,17 @@ def test_accuracy_helpers_batching(trained):
     expected = (model(x).argmax(1) == y).float().mean().item()
     assert clean_accuracy(model, x, y, batch_size=64) == pytest.approx(expected)
     assert robust_accuracy(model, x, y, eps=EPS, step_size=STEP, steps=0) == pytest.approx(expected)
-    a = robust_accuracy(model, x, y, eps=EPS, step_size=STEP, steps=3, batch_size=100,
-                        generator=_gen(), progress="pgd-3")
+    a = robust_accuracy(
+        model,
+        x,
+        y,
+        eps=EPS,
+        step_size=STEP,
+        steps=3,
+        batch_size=100,
+        generator=_gen(),
+        progress="pgd-3",
+    )
     assert 0.0 <= a < expected
 
 
@@ -243,8 +288,7 @@ def test_cross_check_with_torchattacks(trained):
     # Random start: robust accuracies within 1 point.
     torch.manual_seed(0)
     theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
-    ours_acc = robust_accuracy(model, x, y, eps=eps, step_size=alpha, steps=steps,
-                               generator=_gen())
+    ours_acc = robust_accuracy(model, x, y, eps=eps, step_size=alpha, steps=steps, generator=_gen())
     theirs_acc = _acc(model, theirs, y)
     clean = _acc(model, x, y)
     print(f"clean {clean:.3f}  PGD-{steps} ours {ours_acc:.3f}  torchattacks {theirs_acc:.3f}")

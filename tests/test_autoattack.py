@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,18 @@ def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
     return (0.5 * protos[y] + 0.25 + 0.2 * noise).clamp(0, 1), y
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """AutoAttack on a handful of images is a long run of tiny batches: on a small
+    shared CPU, intra-op threads only add contention (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     """A small CNN with BatchNorm, trained for a few seconds; returns (model, x_test, y_test)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -93,7 +105,8 @@ def _record_state(model: nn.Module) -> tuple[list, torch.utils.hooks.RemovableHa
     return seen, model.register_forward_pre_hook(hook)
 
 
-def test_run_reduced_restores_model_and_captures_log(trained, tmp_path, capsys):
+def test_run_reduced_restores_model_and_captures_log(trained, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
     model, x, y = trained
     x, y = x[:16], y[:16]
     model.train()
@@ -103,8 +116,9 @@ def test_run_reduced_restores_model_and_captures_log(trained, tmp_path, capsys):
     seen, handle = _record_state(model)
     log_path = tmp_path / "aa.log"
     try:
-        res = run_autoattack(model, x, y, eps=EPS, version="reduced", batch_size=8,
-                             log_path=str(log_path))
+        res = run_autoattack(
+            model, x, y, eps=EPS, version="reduced", batch_size=8, log_path=str(log_path)
+        )
         flags_after = [p.requires_grad for p in model.parameters()]
     finally:
         handle.remove()
@@ -125,7 +139,9 @@ def test_run_reduced_restores_model_and_captures_log(trained, tmp_path, capsys):
     assert res.warnings == []
     assert res.seconds > 0
     assert log_path.read_text() == res.log
-    assert capsys.readouterr().out == ""  # nothing leaks to stdout unless verbose
+    # nothing leaks to stdout or to the application's log handlers unless verbose
+    assert capsys.readouterr().out == ""
+    assert not [r for r in caplog.records if r.name.startswith("auto-attack")]
 
 
 def test_run_standard_on_few_images(trained):
@@ -135,8 +151,15 @@ def test_run_standard_on_few_images(trained):
     res = run_autoattack(model, x, y, eps=EPS, version="standard")
     assert res.settings["attacks_to_run"] == list(STANDARD_ATTACKS)
     assert res.robust_accuracy <= res.clean_accuracy
-    pgd_acc = robust_accuracy(model, x, y, eps=EPS, step_size=EPS / 4, steps=20,
-                              generator=torch.Generator().manual_seed(0))
+    pgd_acc = robust_accuracy(
+        model,
+        x,
+        y,
+        eps=EPS,
+        step_size=EPS / 4,
+        steps=20,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert res.robust_accuracy <= pgd_acc + 1e-9
     for attack in STANDARD_ATTACKS:
         if res.robust_accuracy > 0:

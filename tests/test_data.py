@@ -17,6 +17,7 @@ from bench.data import (
     ArraySplit,
     DataNotFoundError,
     DeviceLoader,
+    augment_batch,
     build_splits,
     crop_flip,
     load_raw,
@@ -207,6 +208,15 @@ def test_cifar10_from_npz_shards():
     assert int(s.train.index.max()) < 50000 and int(s.test.index.max()) < 10000
 
 
+@pytest.mark.skipif(not CIFAR_NPZ.is_dir(),
+                    reason=f"offline CIFAR-10 copy not found at {CIFAR_NPZ}")
+def test_cifar10_reads_npz_shards_under_the_data_root():
+    x, y = load_raw("cifar10", str(CIFAR_NPZ.parent), "test", allow_download=False)
+    ref_x, ref_y = load_raw(f"npz:{CIFAR_NPZ}", None, "test")
+    assert x.shape == (10000, 32, 32, 3) and np.array_equal(x, ref_x)
+    assert np.array_equal(y, ref_y)
+
+
 # --------------------------------------------------------------------------- missing data
 
 
@@ -314,6 +324,22 @@ def test_loader_crops_are_shifted_copies_of_the_padded_image():
             offsets_seen.add(matches[0][:2])
             flipped.add(matches[0][2])
     assert len(offsets_seen) > 10 and flipped == {False, True}
+
+
+def test_augment_batch_follows_its_generator():
+    x = _random_split(20).x
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    out = augment_batch(x, "crop_flip", 4, g, channels_last=True)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    g.set_state(state)
+    offsets = torch.randint(0, 9, (20, 2), generator=g)
+    flips = torch.rand(20, generator=g) < 0.5
+    expected = _reference_crop_flip(x, offsets, flips, 4).float() / 255
+    assert torch.equal(out, expected)
+    assert torch.equal(augment_batch(x, "none", 4, g), x.float() / 255)
 
 
 def test_loader_flip_only():

@@ -1,0 +1,107 @@
+"""End to end through the command line on the `smoke` suite: run, evaluate,
+leaderboard, list, the full-evaluation script, and the user-facing errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_then_leaderboard_end_to_end(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["run", "--suite", "smoke", "--method", "at", "--results", str(results),
+                 "--quiet"]) == 0
+    assert main(["run", "--suite", "smoke", "--method", "at", "--defense", "awp:gamma=0.02",
+                 "--results", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    records = sorted(results.glob("smoke/*/record.json"))
+    assert len(records) == 2 and "record:" in out
+    record = json.loads(records[0].read_text())
+    for tag in ("best", "last"):
+        m = record["metrics"]["model"][tag]
+        assert 0 <= m["autoattack"] <= m["pgd20"] + 1e-9 <= m["clean"] + 1e-9
+        assert m["n"] == 64
+    assert record["history"]["best_epoch"] in (1, 2)
+    assert len(record["history"]["curves"]["val_robust"]) == 2
+    assert record["cost"]["forward_passes"] > 0 and record["versions"]["torch"]
+    run_dir = records[0].parent
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "spec.json", "history.jsonl", "last.pt", "best.pt", "record.json"}
+
+    # re-evaluation rewrites the record
+    before = records[0].stat().st_mtime_ns
+    assert main(["evaluate", str(run_dir), "--quiet"]) == 0
+    assert records[0].stat().st_mtime_ns > before
+
+    out_dir = tmp_path / "board"
+    assert main(["leaderboard", "--results", str(results), "--out", str(out_dir)]) == 0
+    table = (out_dir / "leaderboard.md").read_text()
+    assert "AT+AWP" in table and "| AT " in table.replace("|  AT", "| AT")
+    assert (out_dir / "leaderboard.csv").exists() and (out_dir / "leaderboard.json").exists()
+
+
+def test_list_shows_suites_methods_and_cards(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fmnist-quick", "smoke", "cifar10-linf", "trades", "awp", "Wu, Xia & Wang"):
+        assert word in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--suite", "nosuch"], "unknown suite 'nosuch'; valid suites are"),
+    (["run", "--suite", "smoke", "--method", "pgd"], "unknown method 'pgd'; valid methods"),
+    (["run", "--suite", "smoke", "--defense", "nodef"], "unknown defense 'nodef'; valid"),
+    (["run", "--suite", "smoke", "--defense", "awp:gama=1"], "no parameter(s) ['gama']"),
+    (["run", "--suite", "smoke", "--defense", "awp:gamma"], "expected NAME[:key=value"),
+    (["run", "--suite", "smoke", "--method", "fgsm_rs", "--defense", "awp"],
+     "does not compose with method 'fgsm_rs'"),
+    (["evaluate", "/nonexistent/run"], "is not a run folder"),
+])
+def test_user_errors_are_clear(argv, message, capsys, tmp_path):
+    assert main([*argv, *(["--results", str(tmp_path)] if argv[0] == "run" else [])]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defense_from_a_file_anywhere_on_disk(tmp_path):
+    module = tmp_path / "mine.py"
+    module.write_text(
+        "from defenses.base import Defense, DefenseCard\n"
+        "class Mine(Defense):\n"
+        "    card = DefenseCard(name='Mine', paper='me')\n"
+        "    params = {'strength': 0.0}\n"
+        "    def __init__(self, strength):\n"
+        "        super().__init__(strength=strength)\n"
+        "    def add_losses(self, state):\n"
+        "        return {'zero': state.per_sample_loss.mean() * self.hparams['strength']}\n")
+    results = tmp_path / "results"
+    assert main(["run", "--suite", "smoke", "--defense", f"{module}:Mine:strength=0.5",
+                 "--results", str(results), "--quiet"]) == 0
+    record = json.loads(next(results.glob("smoke/*/record.json")).read_text())
+    assert record["row_name"] == "AT+Mine"
+    assert record["spec"]["defenses"][0]["params"] == {"strength": 0.5}
+    assert main(["run", "--suite", "smoke", "--defense", f"{module}:Nope",
+                 "--results", str(results), "--quiet"]) == 2
+
+
+def test_full_evaluation_script_is_resumable(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_full_evaluation.py"), "--suite", "smoke",
+           "--defenses", "awp", "--results", str(tmp_path), "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "leaderboard" / "leaderboard.md").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("smoke/*/record.json")}
+    assert len(mtimes) == 2
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing retrained
+    bad = subprocess.run([*cmd[:3], "smoke", "--defenses", "nodef"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown defense 'nodef'" in bad.stderr
