@@ -96,6 +96,7 @@ class EvalConfig:
     pgd_step_ratio: float = 0.25
     cw_steps: int = 20
     autoattack: str = "standard"  # standard | reduced | none
+    autoattack_size: int = 0  # AutoAttack on the first N evaluation images; 0 = all
     batch_size: int = 500
     sanity_checks: bool = True
 

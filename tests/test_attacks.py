@@ -29,8 +29,17 @@ def small_cnn() -> nn.Module:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small batches on a small shared CPU: intra-op threads mostly add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     """A small CNN trained for a few seconds; returns (model in eval mode, x_test, y_test)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
