@@ -36,7 +36,10 @@ from torch import nn
 from .pgd import clean_accuracy
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
-VERSIONS = ("standard", "reduced")
+VERSIONS = ("standard", "apgd", "reduced")
+# "apgd" (CPU suites): the standard version's APGD-CE and APGD-T, unchanged (100 iterations,
+# 9 target classes), without FAB-T and Square; labelled as such in the settings.
+APGD_ATTACKS = ("apgd-ce", "apgd-t")
 # "reduced" (tests / smoke suite only): APGD-CE and APGD-T with fewer iterations/targets.
 REDUCED_ATTACKS = ("apgd-ce", "apgd-t")
 REDUCED_N_ITER = 20
@@ -87,6 +90,7 @@ def build_autoattack(
     """Construct a pyautoattack ``AutoAttack`` for L-inf radius ``eps``.
 
     ``version="standard"`` is the package's standard version, untouched.
+    ``version="apgd"`` runs only its APGD-CE and APGD-T, with the standard settings.
     ``version="reduced"`` (tests only) runs APGD-CE and APGD-T with
     ``REDUCED_N_ITER`` iterations and ``REDUCED_N_TARGET_CLASSES`` targets.
     ``verbose`` turns on the sub-attacks' own progress prints and echoes the log
@@ -96,10 +100,12 @@ def build_autoattack(
     if version not in VERSIONS:
         raise ValueError(f"unknown AutoAttack version {version!r}; expected one of {VERSIONS}")
     device = str(device)
-    if version == "standard":
+    if version in ("standard", "apgd"):
         adversary = AutoAttack(
             model, eps=eps, norm="Linf", version="standard", device=device, seed=seed
         )
+        if version == "apgd":  # keep the standard settings, run only the two APGD attacks
+            adversary.attacks_to_run = list(APGD_ATTACKS)
     else:
         adversary = AutoAttack(
             model,
@@ -305,8 +311,8 @@ def run_autoattack(
 
     found = list(warn_handler.messages)
     found += [f"{w.category.__name__}: {w.message}" for w in caught]
-    robust = (y_adv.to(y.device) == y).float().mean().item() if len(y) else 0.0
-    if abs(recheck - robust) > 1e-9:
+    robust = (y_adv.to(y.device) == y).sum().item() / len(y) if len(y) else 0.0
+    if abs(recheck - robust) > 0.5 / max(len(y), 1):  # differ by at least one image
         found.append(
             f"robench: a fresh forward pass on the returned x_adv gives {recheck:.4f} "
             f"accuracy, AutoAttack's robust flags {robust:.4f} (numerics near the "

@@ -95,7 +95,7 @@ class EvalConfig:
     pgd_steps: int = 20
     pgd_step_ratio: float = 0.25
     cw_steps: int = 20
-    autoattack: str = "standard"  # standard | reduced | none
+    autoattack: str = "standard"  # standard | apgd (APGD-CE + APGD-T only) | reduced | none
     autoattack_size: int = 0  # AutoAttack on the first N evaluation images; 0 = all
     batch_size: int = 500
     sanity_checks: bool = True
@@ -177,8 +177,8 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
         raise ConfigError(f"{where} [data]: label_noise must be in [0, 1)")
     curves = _build(CurveConfig, _section(raw, "curves", where), f"{where} [curves]")
     evaluation = _build(EvalConfig, _section(raw, "eval", where), f"{where} [eval]")
-    if evaluation.autoattack not in ("standard", "reduced", "none"):
-        raise ConfigError(f"{where} [eval]: autoattack must be standard, reduced or none")
+    if evaluation.autoattack not in ("standard", "apgd", "reduced", "none"):
+        raise ConfigError(f"{where} [eval]: autoattack must be standard, apgd, reduced or none")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers")

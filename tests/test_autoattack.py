@@ -96,6 +96,17 @@ def test_reduced_settings_are_labelled(trained):
         build_autoattack(model, eps=EPS, version="plus", device="cpu")
 
 
+def test_apgd_version_keeps_the_standard_apgd_settings(trained):
+    model, x, y = trained
+    adversary = build_autoattack(model, eps=EPS, version="apgd", device="cpu")
+    s = autoattack_settings(adversary)
+    assert s["version"] == "apgd" and s["reduced"] is True
+    assert s["attacks_to_run"] == ["apgd-ce", "apgd-t"]
+    assert s["apgd"]["n_iter"] == 100 and s["apgd"]["n_restarts"] == 1
+    assert s["apgd_targeted"]["n_iter"] == 100
+    assert s["apgd_targeted"]["n_target_classes"] == 9
+
+
 def _record_state(model: nn.Module) -> tuple[list, torch.utils.hooks.RemovableHandle]:
     seen: list[tuple[bool, bool]] = []
 
