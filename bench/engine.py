@@ -168,14 +168,18 @@ class Trainer:
     """Trains one run in its folder, resuming from `last.pt` when half-done."""
 
     def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
-                 device: torch.device | None = None, progress: bool = True) -> None:
+                 device: torch.device | None = None, progress: bool = True,
+                 mixed_precision: bool | None = None, channels_last: bool | None = None) -> None:
+        """`mixed_precision` (bf16 autocast) and `channels_last` default to on for
+        CUDA and off for CPU; tests turn them on to exercise the GPU code path."""
         self.spec, self.suite, self.splits = spec, suite, splits
         self.run_dir = Path(run_dir)
         self.device = device or pick_device()
         self.progress = progress
         cuda = self.device.type == "cuda"
-        self.autocast_dtype = torch.bfloat16 if cuda else None
-        self.channels_last = cuda
+        use_bf16 = cuda if mixed_precision is None else mixed_precision
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.channels_last = cuda if channels_last is None else channels_last
 
     # ---- construction -----------------------------------------------------
     def build(self) -> TrainState:
