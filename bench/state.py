@@ -58,9 +58,6 @@ class PassCounter:
         self.forward += fwd
         self.backward += bwd
 
-    def as_attack_counter(self) -> dict:
-        return {"fwd": 0, "bwd": 0}
-
     def absorb(self, counter: dict) -> None:
         self.forward += counter.get("fwd", 0)
         self.backward += counter.get("bwd", 0)

@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_briefly, make_prototype_data
 from torch import nn
 
 from attacks import attack_loss, clean_accuracy, cw_margin, fgsm_rs, n_fgsm, pgd, robust_accuracy
 
 EPS = 8 / 255
 STEP = 2 / 255
-
-
-def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ten noisy class prototypes, 3x16x16, in [0, 1]."""
-    protos = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(123))
-    y = torch.randint(0, 10, (n,), generator=generator)
-    noise = torch.randn(n, 3, 16, 16, generator=generator)
-    return (0.5 * protos[y] + 0.25 + 0.2 * noise).clamp(0, 1), y
 
 
 def small_cnn() -> nn.Module:
@@ -29,35 +22,16 @@ def small_cnn() -> nn.Module:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches on a small shared CPU: intra-op threads mostly add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """A small CNN trained for a few seconds; returns (model in eval mode, x_test, y_test)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    x_train, y_train = make_data(4000, g)
-    x_test, y_test = make_data(1000, g)
+    x_train, y_train = make_prototype_data(4000, g)
+    x_test, y_test = make_prototype_data(1000, g)
     model = small_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        perm = torch.randperm(len(x_train), generator=g)
-        for i in range(0, len(x_train), 128):
-            idx = perm[i : i + 128]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    fit_briefly(model, x_train, y_train, g)
     model.eval()
-    for p in model.parameters():
-        p.grad = None
     return model, x_test, y_test
 
 
