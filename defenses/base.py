@@ -232,7 +232,14 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
             )
         values = dict(cls.params)
         values.update(cls.method_defaults(method))
-        values.update(suite.defense_overrides.get(cls.name, {}))
+        suite_values = suite.defense_overrides.get(cls.name, {})
+        bad = sorted(set(suite_values) - set(cls.params))
+        if bad:
+            raise ConfigError(
+                f"suite {suite.name!r} sets unknown parameter(s) {bad} for defense "
+                f"{cls.name!r} in [defenses.{cls.name}]; valid parameters are {sorted(cls.params)}"
+            )
+        values.update(suite_values)
         user = spec.param_dict
         unknown = sorted(set(user) - set(cls.params))
         if unknown:

@@ -274,3 +274,18 @@ def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_sp
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_suite_overrides_sit_between_defaults_and_run_parameters(smoke_suite):
+    from dataclasses import replace
+
+    suite = replace(smoke_suite, defense_overrides={"awp": {"gamma": 0.003}})
+    (awp,) = build_defenses((DefenseSpec("awp"),), "at", suite)
+    assert awp.gamma == 0.003 and awp.warmup == 0.0
+    (awp,) = build_defenses((DefenseSpec("awp"),), "trades", suite)
+    assert awp.gamma == 0.003 and awp.warmup == 0.05  # method default kept, gamma from suite
+    (awp,) = build_defenses((DefenseSpec("awp", (("gamma", 0.02),)),), "at", suite)
+    assert awp.gamma == 0.02
+    bad = replace(smoke_suite, defense_overrides={"awp": {"gama": 1}})
+    with pytest.raises(ConfigError, match=r"suite 'smoke' sets unknown parameter\(s\) \['gama'\]"):
+        build_defenses((DefenseSpec("awp"),), "at", bad)
