@@ -25,7 +25,7 @@ eval_models(state) -> {name: module}   evaluated besides the trained model
 ```
 
 The engine owns the threat model, optimizer, schedule, mixed precision
-(bf16 autocast and channels_last on CUDA, fp32 on CPU), checkpoints and resume.
+(bf16 autocast on CUDA, fp32 on CPU; channels_last on both), checkpoints and resume.
 It never names a defense.
 """
 
@@ -170,8 +170,9 @@ class Trainer:
     def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
                  device: torch.device | None = None, progress: bool = True,
                  mixed_precision: bool | None = None, channels_last: bool | None = None) -> None:
-        """`mixed_precision` (bf16 autocast) and `channels_last` default to on for
-        CUDA and off for CPU; tests turn them on to exercise the GPU code path."""
+        """`mixed_precision` (bf16 autocast) defaults to on for CUDA and off for
+        CPU (tests turn it on to exercise the GPU code path); `channels_last`
+        defaults to on everywhere (faster convolutions on CUDA and with oneDNN on CPU)."""
         self.spec, self.suite, self.splits = spec, suite, splits
         self.run_dir = Path(run_dir)
         self.device = device or pick_device()
@@ -179,7 +180,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         use_bf16 = cuda if mixed_precision is None else mixed_precision
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.channels_last = cuda if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
 
     # ---- construction -----------------------------------------------------
     def build(self) -> TrainState:

@@ -3,7 +3,8 @@ loop written for this benchmark (the attack calls `loss.backward()` and so also
 computes weight gradients, fp32, a CPU DataLoader with per-image transforms),
 same model, data and batch, measured in the same run.
 
-Run: `python -m pytest tests/benchmarks/test_bench_engine.py --benchmark-only -s`
+Run: `python -m pytest tests/benchmarks/test_bench_engine.py -s` (threads:
+`ROBENCH_BENCH_THREADS`, default 2)
 Target: engine >= 1.5x faster on CPU for PreActResNet-18 on CIFAR-shaped
 batches and for the small CNN. The measured ratio is printed and stored in
 `benchmark.extra_info["speedup"]`.
@@ -11,6 +12,7 @@ batches and for the small CNN. The measured ratio is printed and stored in
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 
@@ -26,7 +28,7 @@ from bench.engine import Trainer
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 CASES = {
     # name: (model config, batch size, images)
-    "preact_resnet18": (ModelConfig("preact_resnet18", {}), 32, 128),
+    "preact_resnet18": (ModelConfig("preact_resnet18", {}), 16, 64),
     "small_cnn": (ModelConfig("small_cnn", {"width": 32, "conv_layers": 3, "fc": 256}), 128, 512),
 }
 
@@ -98,7 +100,7 @@ def _time(fn, repeats: int) -> float:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_engine_step_vs_reference(benchmark, case, tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("ROBENCH_BENCH_THREADS", "2")))
     model_cfg, batch, n = CASES[case]
     trainer, state = _trainer(model_cfg, batch, n, tmp_path)
     engine_batches = iter(trainer.loader)
@@ -129,7 +131,7 @@ def test_engine_step_vs_reference(benchmark, case, tmp_path):
             x, y = next(ref_batches)
         reference_step(ref_model, ref_opt, x, y)
 
-    repeats = 3
+    repeats = 2 if case == "preact_resnet18" else 3
     t_ref = _time(ref_step, repeats)
     t_engine = _time(engine_step, repeats)
     speedup = t_ref / t_engine
