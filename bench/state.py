@@ -121,7 +121,7 @@ class TrainState:
     def method_loss(self) -> torch.Tensor:
         """Per-sample loss of the base method at the current weights, on the
         current batch (`x`, `x_adv`, `y`); builds a graph. Used by defenses that
-        ascend the training objective (AWP). Counts one forward."""
+        ascend the training objective (weight perturbations). Counts one forward."""
         assert self.method_loss_fn is not None
         return self.method_loss_fn()
 

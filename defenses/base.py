@@ -205,6 +205,15 @@ def resolve_defense(name: str) -> type[Defense]:
     return registry[name]
 
 
+def _check_params(cls: type[Defense], given: dict, where: str) -> None:
+    unknown = sorted(set(given) - set(cls.params))
+    if unknown:
+        raise ConfigError(
+            f"{where}: defense {cls.name!r} has no parameter(s) {unknown}; "
+            f"valid parameters are {sorted(cls.params)}"
+        )
+
+
 def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) -> list[Defense]:
     """Instantiate defenses with defaults < method defaults < suite overrides < run
     parameters, refusing unknown parameters, unsupported methods and slot conflicts."""
@@ -233,20 +242,10 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
         values = dict(cls.params)
         values.update(cls.method_defaults(method))
         suite_values = suite.defense_overrides.get(cls.name, {})
-        bad = sorted(set(suite_values) - set(cls.params))
-        if bad:
-            raise ConfigError(
-                f"suite {suite.name!r} sets unknown parameter(s) {bad} for defense "
-                f"{cls.name!r} in [defenses.{cls.name}]; valid parameters are {sorted(cls.params)}"
-            )
+        _check_params(cls, suite_values, f"suite {suite.name!r} [defenses.{cls.name}]")
         values.update(suite_values)
         user = spec.param_dict
-        unknown = sorted(set(user) - set(cls.params))
-        if unknown:
-            raise ConfigError(
-                f"defense {spec.name!r} has no parameter(s) {unknown}; "
-                f"valid parameters are {sorted(cls.params)}"
-            )
+        _check_params(cls, user, f"defense {spec.name!r}")
         values.update(user)
         built.append(cls(**values))
     names = [s.name for s in specs]

@@ -287,5 +287,6 @@ def test_suite_overrides_sit_between_defaults_and_run_parameters(smoke_suite):
     (awp,) = build_defenses((DefenseSpec("awp", (("gamma", 0.02),)),), "at", suite)
     assert awp.gamma == 0.02
     bad = replace(smoke_suite, defense_overrides={"awp": {"gama": 1}})
-    with pytest.raises(ConfigError, match=r"suite 'smoke' sets unknown parameter\(s\) \['gama'\]"):
+    expected = r"suite 'smoke' \[defenses.awp\]: defense 'awp' has no parameter\(s\) \['gama'\]"
+    with pytest.raises(ConfigError, match=expected):
         build_defenses((DefenseSpec("awp"),), "at", bad)
