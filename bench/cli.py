@@ -112,6 +112,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in list_suites():
         suite = load_suite(name)
         print(f"  {name:18s} {suite.description}")
+        for defense, values in suite.defense_overrides.items():
+            print(f"  {'':18s} sets {defense}: {values}")
     print("Methods:", ", ".join(METHODS))
     print("Defenses:")
     for name, cls in list_defenses().items():
