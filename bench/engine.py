@@ -48,7 +48,6 @@ from bench.models import build_model
 from bench.records import (
     atomic_torch_save,
     load_checkpoint,
-    read_history,
     write_history,
     write_json_atomic,
 )
@@ -453,17 +452,13 @@ def _epoch_bar(enabled: bool, epochs: int, done: int, spec: RunSpec):
                 unit="epoch", dynamic_ncols=True)
 
 
-def load_history(run_dir: Path) -> list[dict]:
-    return read_history(Path(run_dir) / "history.jsonl")
-
-
 def collect_eval_models(model: nn.Module, defenses: list[Defense],
-                        state: TrainState | None) -> dict[str, nn.Module]:
+                        state: TrainState) -> dict[str, nn.Module]:
+    """The trained model plus each defense's `eval_models`, named `defense.name`."""
     models: dict[str, nn.Module] = {"model": model}
     for defense in defenses:
-        for name, module in defense.eval_models(state).items():  # type: ignore[arg-type]
-            key = f"{defense.name}.{name}"
-            models[key] = module
+        for name, module in defense.eval_models(state).items():
+            models[f"{defense.name}.{name}"] = module
     return models
 
 

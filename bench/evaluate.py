@@ -21,7 +21,7 @@ from attacks.autoattack import run_autoattack
 from attacks.pgd import clean_accuracy, pgd, robust_accuracy
 from bench.config import RunSpec, Suite
 from bench.data import Splits
-from bench.engine import Trainer, derive_seed, pick_device
+from bench.engine import Trainer, collect_eval_models, derive_seed, pick_device
 from bench.records import (
     RecordError,
     device_description,
@@ -159,10 +159,7 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
         trainer.model.load_state_dict(ckpt["model"])
         for defense, sd in zip(trainer.defenses, ckpt["defenses"], strict=True):
             defense.load_state_dict(sd)
-        models = {"model": trainer.model}
-        for defense in trainer.defenses:
-            for name, module in defense.eval_models(state).items():
-                models[f"{defense.name}.{name}"] = module
+        models = collect_eval_models(trainer.model, trainer.defenses, state)
         for name, module in models.items():
             label = f"[{tag} epoch {ckpt['epoch']}] {name}"
             m, f, aa = evaluate_model(module, x, y, suite,

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.config import DefenseSpec, RunSpec, Suite, check_method, load_suite
+from bench.config import RunSpec, Suite, check_method, load_suite
 from bench.data import Splits, build_splits
 from bench.engine import Trainer, pick_device
 from bench.evaluate import evaluate_run
@@ -65,10 +65,3 @@ def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | Non
     Trainer(spec, suite, splits, run_dir, device=torch_device, progress=progress).train()
     evaluate_run(run_dir, suite, splits, device=torch_device, progress=progress)
     return RunResult(spec, run_dir, record_path, time.perf_counter() - start)
-
-
-def expand_suite(suite: Suite, method: str, defenses: list[tuple[DefenseSpec, ...]],
-                 seeds: list[int] | None = None) -> list[RunSpec]:
-    """Every (defense combination, seed) of a suite as run specs."""
-    seeds = seeds if seeds is not None else list(suite.seeds)
-    return [RunSpec(suite.name, method, combo, seed) for combo in defenses for seed in seeds]
