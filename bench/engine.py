@@ -204,6 +204,11 @@ class Trainer:
         self.train_x = self.splits.train.x.to(self.device)
         self.train_y = self.splits.train.y.to(self.device)
         self.train_index = self.splits.train.index.to(self.device)
+        # the fixed curve subsets, converted once: (x in [0, 1], y) on the device
+        self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), False),
+                          self.splits.val_curve.y.to(self.device))
+        self.train_curve = (to_float(self.splits.train_curve.x.to(self.device), False),
+                            self.splits.train_curve.y.to(self.device))
         self.method = build_method(self.spec.method, self.attack_gen)
         state = TrainState(
             suite=self.suite, spec=self.spec, device=self.device, model=self.model,
@@ -306,12 +311,9 @@ class Trainer:
             train_stats = self._train_epoch(state)
             train_seconds = time.perf_counter() - start
             curve_start = time.perf_counter()
-            val = curve_point(self.model, self.splits.val_curve.x.to(self.device).float() / 255,
-                              self.splits.val_curve.y.to(self.device), self.suite,
+            val = curve_point(self.model, *self.val_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
-            trn = curve_point(self.model,
-                              self.splits.train_curve.x.to(self.device).float() / 255,
-                              self.splits.train_curve.y.to(self.device), self.suite,
+            trn = curve_point(self.model, *self.train_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
             curve_seconds = time.perf_counter() - curve_start
             state.epoch += 1
