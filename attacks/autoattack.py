@@ -117,31 +117,12 @@ def build_autoattack(
             seed=seed,
         )
         # Rebuilt (not patched) so that APGD derives its checkpoint schedule from n_iter.
-        adversary.apgd = APGDAttack(
-            model,
-            n_restarts=1,
-            n_iter=REDUCED_N_ITER,
-            eps=eps,
-            norm="Linf",
-            eot_iter=1,
-            rho=0.75,
-            seed=seed,
-            device=device,
-            logger=adversary.logger,
-        )
+        apgd_kwargs = dict(n_restarts=1, n_iter=REDUCED_N_ITER, eps=eps, norm="Linf",
+                           eot_iter=1, rho=0.75, seed=seed, device=device,
+                           logger=adversary.logger)
+        adversary.apgd = APGDAttack(model, **apgd_kwargs)
         adversary.apgd_targeted = APGDAttack_targeted(
-            model,
-            n_restarts=1,
-            n_iter=REDUCED_N_ITER,
-            eps=eps,
-            norm="Linf",
-            eot_iter=1,
-            rho=0.75,
-            seed=seed,
-            device=device,
-            n_target_classes=REDUCED_N_TARGET_CLASSES,
-            logger=adversary.logger,
-        )
+            model, n_target_classes=REDUCED_N_TARGET_CLASSES, **apgd_kwargs)
     adversary.verbose = True  # the log is always produced; run_autoattack decides where it goes
     for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square):
         attack.verbose = verbose
