@@ -4,62 +4,33 @@ uninterrupted run, slots are single-owner, non-finite losses stop the run."""
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import with_train
+from invariants import (
+    PROBE_CARD,
+    assert_same_state,
+    check_resume_equals_uninterrupted,
+    check_weights_clean_outside_update,
+    check_zero_strength_is_plain,
+    model_state,
+    train,
+)
 
 from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import NonFiniteLossError, Trainer, learning_rate
 from bench.records import load_checkpoint, read_history
 from bench.state import kernel_parameters
-from defenses.base import Defense, DefenseCard, build_defenses
-
-PROBE_CARD = DefenseCard(name="probe", paper="test")
-
-
-def train(tmp: Path, suite, splits, method="at", defenses=(), seed=0, stop=None,
-          instances=None) -> Trainer:
-    spec = RunSpec(suite.name, method, tuple(defenses), seed)
-    trainer = Trainer(spec, suite, splits, tmp, device=torch.device("cpu"), progress=False)
-    if instances is not None:  # inject defense objects that are not registered
-        original = trainer.build
-
-        def build():
-            state = original()
-            trainer.defenses = instances
-            for d in instances:
-                d.bind_random_stream(seed, torch.device("cpu"))
-            return state
-        trainer.build = build  # type: ignore[method-assign]
-    trainer.train(stop_after_epochs=stop)
-    return trainer
-
-
-def model_state(run_dir: Path) -> dict:
-    return load_checkpoint(run_dir / "last.pt")["model"]
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+from defenses.base import Defense, build_defenses
 
 
 @pytest.mark.parametrize("method", ["at", "trades"])
 def test_zero_strength_awp_is_plain_method_bit_for_bit(tmp_path, smoke_suite, smoke_splits,
                                                       method):
-    plain = train(tmp_path / "plain", smoke_suite, smoke_splits, method=method)
-    zero = train(tmp_path / "zero", smoke_suite, smoke_splits, method=method,
-                 defenses=[DefenseSpec("awp", (("gamma", 0.0), ("warmup", 0.0)))])
-    assert_same_state(model_state(plain.run_dir), model_state(zero.run_dir))
-    # and a real strength changes the result, so the comparison can fail
-    real = train(tmp_path / "real", smoke_suite, smoke_splits, method=method,
-                 defenses=[DefenseSpec("awp", (("gamma", 0.05), ("warmup", 0.0)))])
-    a, b = model_state(plain.run_dir), model_state(real.run_dir)
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+    check_zero_strength_is_plain(
+        tmp_path, smoke_suite, smoke_splits, method,
+        zero=DefenseSpec("awp", (("gamma", 0.0), ("warmup", 0.0))),
+        real=DefenseSpec("awp", (("gamma", 0.05), ("warmup", 0.0))))
 
 
 def test_awp_warmup_never_reached_is_plain_at(tmp_path, smoke_suite, smoke_splits):
@@ -86,42 +57,11 @@ def test_defense_randomness_never_shifts_data_or_attack(tmp_path, smoke_suite, s
     assert_same_state(model_state(plain.run_dir), model_state(noisy.run_dir))
 
 
-class CleanWeightsProbe(Defense):
-    """Records the kernels outside and inside `around_update` (nested inside AWP)."""
-
-    name = "probe"
-    card = PROBE_CARD
-
-    def __init__(self):
-        super().__init__()
-        self.inside_differs: list[bool] = []
-        self.after_step_weights: list[torch.Tensor] = []
-        self.before: list[torch.Tensor] = []
-
-    def after_attack(self, state):
-        self.before = [p.detach().clone() for _, p in kernel_parameters(state.model)]
-
-    @contextlib.contextmanager
-    def around_update(self, state):
-        now = [p.detach() for _, p in kernel_parameters(state.model)]
-        self.inside_differs.append(any(not torch.equal(a, b) for a, b in zip(self.before, now)))
-        yield
-
-    def after_step(self, state):
-        self.after_step_weights = [p.detach().clone() for _, p in kernel_parameters(state.model)]
-
-
 def test_weights_clean_outside_around_update(tmp_path, smoke_suite, smoke_splits):
     from defenses.awp import AWP
 
-    probe = CleanWeightsProbe()
-    trainer = train(tmp_path, smoke_suite, smoke_splits,
-                    instances=[AWP(gamma=0.05, warmup=0.0), probe])
-    assert probe.inside_differs and all(probe.inside_differs)  # perturbed inside
-    saved = load_checkpoint(trainer.run_dir / "last.pt")["model"]
-    names = [n for n, _ in kernel_parameters(trainer.model)]
-    for name, weight in zip(names, probe.after_step_weights):
-        assert torch.equal(saved[name], weight)  # checkpoint = weights after the restore
+    check_weights_clean_outside_update(tmp_path, smoke_suite, smoke_splits,
+                                       AWP(gamma=0.05, warmup=0.0))
 
 
 def test_awp_restores_weights_without_a_step(smoke_suite, smoke_splits, tmp_path):
@@ -146,21 +86,8 @@ def test_awp_restores_weights_without_a_step(smoke_suite, smoke_splits, tmp_path
 
 @pytest.mark.parametrize("defenses", [(), (DefenseSpec("awp"),)])
 def test_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits, defenses):
-    suite = with_train(smoke_suite, epochs=3)
-    full = train(tmp_path / "full", suite, smoke_splits, defenses=defenses)
-    train(tmp_path / "cut", suite, smoke_splits, defenses=defenses, stop=1)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
-    resumed = train(tmp_path / "cut", suite, smoke_splits, defenses=defenses)
-    assert_same_state(model_state(full.run_dir), model_state(resumed.run_dir))
-    strip = ("seconds", "curve_seconds")
-    a = [{k: v for k, v in r.items() if k not in strip} for r in read_history(full.run_dir
-                                                                                / "history.jsonl")]
-    b = [{k: v for k, v in r.items() if k not in strip} for r in read_history(resumed.run_dir
-                                                                                / "history.jsonl")]
-    assert a == b and len(a) == 3
-    best_a = load_checkpoint(full.run_dir / "best.pt")["model"]
-    best_b = load_checkpoint(resumed.run_dir / "best.pt")["model"]
-    assert_same_state(best_a, best_b)
+    check_resume_equals_uninterrupted(tmp_path, with_train(smoke_suite, epochs=3),
+                                      smoke_splits, "at", defenses)
 
 
 class ObjectiveA(Defense):

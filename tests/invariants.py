@@ -1,0 +1,139 @@
+"""The shared defense invariants (DESIGN.md), as functions every defense's tests call:
+zero strength reproduces the plain method bit for bit, weights are clean outside
+`around_update`, resume equals an uninterrupted run (model, history, best checkpoint,
+and the defense's own state), and the defense trains with every method it declares."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from bench.config import DefenseSpec, RunSpec
+from bench.engine import Trainer
+from bench.records import load_checkpoint, read_history
+from bench.state import kernel_parameters
+from defenses.base import Defense, DefenseCard
+
+PROBE_CARD = DefenseCard(name="probe", paper="test")
+TIMING_KEYS = ("seconds", "curve_seconds")
+
+
+def train(tmp: Path, suite, splits, method="at", defenses=(), seed=0, stop=None,
+          instances=None) -> Trainer:
+    """Train (or resume) a run in `tmp`; `instances` injects unregistered defense objects."""
+    spec = RunSpec(suite.name, method, tuple(defenses), seed)
+    trainer = Trainer(spec, suite, splits, tmp, device=torch.device("cpu"), progress=False)
+    if instances is not None:
+        original = trainer.build
+
+        def build():
+            state = original()
+            trainer.defenses = instances
+            for d in instances:
+                d.bind_random_stream(seed, torch.device("cpu"))
+            return state
+        trainer.build = build  # type: ignore[method-assign]
+    trainer.train(stop_after_epochs=stop)
+    return trainer
+
+
+def model_state(run_dir: Path, name: str = "last.pt") -> dict:
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_equal_nested(a, b, where: str = "") -> None:
+    """Tensors equal bit for bit, containers recursively, anything else by ==."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_nested(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_nested(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def states_differ(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def history_without_timing(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+            for r in read_history(run_dir / "history.jsonl")]
+
+
+def check_zero_strength_is_plain(tmp: Path, suite, splits, method: str,
+                                 zero: DefenseSpec, real: DefenseSpec) -> None:
+    """`zero` reproduces the plain method bit for bit; `real` changes it (so the check can fail)."""
+    plain = train(tmp / "plain", suite, splits, method=method)
+    with_zero = train(tmp / "zero", suite, splits, method=method, defenses=[zero])
+    assert_same_state(model_state(plain.run_dir), model_state(with_zero.run_dir))
+    with_real = train(tmp / "real", suite, splits, method=method, defenses=[real])
+    assert states_differ(model_state(plain.run_dir), model_state(with_real.run_dir))
+
+
+def check_resume_equals_uninterrupted(tmp: Path, suite, splits, method: str,
+                                      defenses: tuple[DefenseSpec, ...]) -> None:
+    """Stopping after epoch 1 and resuming gives the uninterrupted run's last and best
+    checkpoints (model and defense state) and history. `suite` should have >= 3 epochs."""
+    full = train(tmp / "full", suite, splits, method=method, defenses=defenses)
+    train(tmp / "cut", suite, splits, method=method, defenses=defenses, stop=1)
+    assert load_checkpoint(tmp / "cut" / "last.pt")["epoch"] == 1
+    resumed = train(tmp / "cut", suite, splits, method=method, defenses=defenses)
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(full.run_dir / name), load_checkpoint(resumed.run_dir / name)
+        assert_same_state(a["model"], b["model"])
+        assert_equal_nested(a["defenses"], b["defenses"])
+    assert history_without_timing(full.run_dir) == history_without_timing(resumed.run_dir)
+
+
+class CleanWeightsProbe(Defense):
+    """Records the kernels before the update, inside `around_update` (when nested inside
+    the defense under test) and after the step."""
+
+    name = "probe"
+    card = PROBE_CARD
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside_differs: list[bool] = []
+        self.after_step_weights: list[torch.Tensor] = []
+        self.before: list[torch.Tensor] = []
+
+    def after_attack(self, state) -> None:
+        self.before = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+
+    @contextlib.contextmanager
+    def around_update(self, state):
+        now = [p.detach() for _, p in kernel_parameters(state.model)]
+        self.inside_differs.append(any(not torch.equal(a, b) for a, b in zip(self.before, now)))
+        yield
+
+    def after_step(self, state) -> None:
+        self.after_step_weights = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+
+
+def check_weights_clean_outside_update(tmp: Path, suite, splits, defense: Defense,
+                                       method: str = "at", perturbs: bool = True) -> None:
+    """The checkpoint equals the weights after the step (no perturbation left behind);
+    with `perturbs`, the weights inside `around_update` differ from the clean ones."""
+    probe = CleanWeightsProbe()
+    trainer = train(tmp, suite, splits, method=method, instances=[defense, probe])
+    if perturbs:
+        assert probe.inside_differs and all(probe.inside_differs)
+    saved = model_state(trainer.run_dir)
+    names = [n for n, _ in kernel_parameters(trainer.model)]
+    for name, weight in zip(names, probe.after_step_weights, strict=True):
+        assert torch.equal(saved[name], weight), name
