@@ -15,9 +15,11 @@ from pathlib import Path
 
 from bench.config import METHODS, ConfigError, RunSpec, list_suites, load_suite, parse_defense_arg
 from bench.data import DataNotFoundError
+from bench.engine import NonFiniteLossError, RunMismatchError
 from bench.records import RecordError
 
-USER_ERRORS = (ConfigError, DataNotFoundError, RecordError)
+# errors with a message written for the user: printed without a traceback, exit code 2
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, NonFiniteLossError)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +114,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in list_suites():
         suite = load_suite(name)
         print(f"  {name:18s} {suite.description}")
+        print(f"  {'':18s} methods: {', '.join(suite.methods)}")
         for defense, values in suite.defense_overrides.items():
             print(f"  {'':18s} sets {defense}: {values}")
     print("Methods:", ", ".join(METHODS))

@@ -113,9 +113,33 @@ class Suite:
     eval: EvalConfig
     defense_overrides: dict = field(default_factory=dict)  # {defense: {param: value}}
     source_hash: str = ""  # sha256 of the TOML file
+    # the base methods this suite compares: their plain rows are the baselines, and each
+    # defense runs with every one of them it composes with
+    methods: tuple[str, ...] = ("at",)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def protocol_hash(self) -> str:
+        """sha256 of what every row shares: name, seeds, methods, data, model, training,
+        curves and evaluation. Comments, the description and the [defenses.*] tables are
+        left out, so editing them never splits a leaderboard or invalidates a run."""
+        protocol = {k: v for k, v in self.to_dict().items()
+                    if k not in ("description", "defense_overrides", "source_hash")}
+        return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
+
+    def overrides_for(self, defense_names: list[str]) -> dict:
+        """The suite's [defenses.NAME] settings that apply to a run with these defenses."""
+        return {n: self.defense_overrides[n] for n in sorted(defense_names)
+                if n in self.defense_overrides}
+
+    def run_hash(self, defense_names: list[str]) -> str:
+        """What a run depends on: the protocol plus the suite settings of its own defenses
+        (so a new [defenses.X] table invalidates only X's runs)."""
+        payload = {"protocol": self.protocol_hash,
+                   "overrides": self.overrides_for(defense_names)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _section(raw: dict, name: str, where: str) -> dict:
@@ -183,6 +207,11 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
     overrides = _section(raw, "defenses", where)
+    methods = raw.get("methods", ["at"])
+    if (not isinstance(methods, list) or not methods
+            or any(m not in METHODS for m in methods)):
+        raise ConfigError(f"{where}: methods must be a non-empty list drawn from "
+                          f"{list(METHODS)}, got {methods!r}")
     return Suite(
         name=raw.get("name", name),
         description=raw.get("description", ""),
@@ -194,6 +223,7 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
         eval=evaluation,
         defense_overrides=overrides,
         source_hash=hashlib.sha256(text.encode()).hexdigest(),
+        methods=tuple(methods),
     )
 
 
@@ -309,7 +339,11 @@ class RunSpec:
 
     @property
     def row_name(self) -> str:
-        return row_name(self.method, [d.name for d in self.defenses])
+        return row_name(self.method, self.defense_names)
+
+    @property
+    def defense_names(self) -> list[str]:
+        return [d.name for d in self.defenses]
 
 
 METHOD_LABELS = {

@@ -180,6 +180,7 @@ class Trainer:
         use_bf16 = cuda if mixed_precision is None else mixed_precision
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.channels_last = True if channels_last is None else channels_last
+        self.suite_hash = suite.run_hash(spec.defense_names)
 
     # ---- construction -----------------------------------------------------
     def build(self) -> TrainState:
@@ -249,7 +250,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "format": 1, "spec": self.spec.to_dict(), "suite_hash": self.suite.source_hash,
+            "format": 1, "spec": self.spec.to_dict(), "suite_hash": self.suite_hash,
             "epoch": state.epoch, "step": state.step,
             "model": self.model.state_dict(),
             "defenses": [d.state_dict() for d in self.defenses],
@@ -263,11 +264,12 @@ class Trainer:
             raise RunMismatchError(
                 f"{self.run_dir / 'last.pt'} belongs to another run ({ckpt.get('spec')}); "
                 f"remove the folder or pick another results directory")
-        if ckpt.get("suite_hash") != self.suite.source_hash:
+        if ckpt.get("suite_hash") != self.suite_hash:
             raise RunMismatchError(
                 f"{self.run_dir} was started under a different version of suite "
-                f"{self.suite.name!r} (hash {str(ckpt.get('suite_hash'))[:12]} vs "
-                f"{self.suite.source_hash[:12]}); delete the run folder to start over")
+                f"{self.suite.name!r} or of its settings for this run's defenses (hash "
+                f"{str(ckpt.get('suite_hash'))[:12]} vs {self.suite_hash[:12]}); delete the "
+                "run folder to start over")
         self.model.load_state_dict(ckpt["model"])
         for defense, sd in zip(self.defenses, ckpt["defenses"], strict=True):
             defense.load_state_dict(sd)
@@ -301,7 +303,7 @@ class Trainer:
         else:
             write_json_atomic(self.run_dir / "spec.json", {
                 "spec": self.spec.to_dict(), "run_id": self.spec.run_id,
-                "suite_hash": self.suite.source_hash})
+                "suite_hash": self.suite_hash})
         epochs = self.suite.train.epochs
         bar = _epoch_bar(self.progress, epochs, state.epoch, self.spec)
         while state.epoch < epochs:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite, check_method, load_suite
 from bench.data import Splits, build_splits
-from bench.engine import Trainer, pick_device
+from bench.engine import RunMismatchError, Trainer, pick_device
 from bench.evaluate import evaluate_run
 from bench.records import read_record
 from defenses.base import build_defenses
@@ -27,7 +27,7 @@ _SPLITS_CACHE: dict[tuple[str, str, str | None], Splits] = {}
 
 
 def splits_for(suite: Suite, data_root: str | None) -> Splits:
-    key = (suite.name, suite.source_hash, data_root)
+    key = (suite.name, suite.protocol_hash, data_root)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = build_splits(suite.data, data_root, suite.curves.size)
     return _SPLITS_CACHE[key]
@@ -38,6 +38,18 @@ def validate_spec(spec: RunSpec, suite: Suite) -> None:
     before any data is loaded or any training starts."""
     check_method(spec.method)
     build_defenses(spec.defenses, spec.method, suite)
+
+
+def check_record_matches(record: dict, spec: RunSpec, suite: Suite, path: Path) -> None:
+    """A finished run is reused only if it was made under the same protocol and the
+    same suite settings for its defenses; otherwise say so instead of mixing versions."""
+    expected = suite.run_hash(spec.defense_names)
+    found = record.get("suite", {}).get("run_hash")
+    if found != expected:
+        raise RunMismatchError(
+            f"{path} was made under another version of suite {suite.name!r} or of its "
+            f"settings for {spec.row_name} (run hash {str(found)[:12]} vs {expected[:12]}); "
+            "move or delete that run folder to rerun it")
 
 
 @dataclass
@@ -58,7 +70,8 @@ def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | Non
     record_path = run_dir / "record.json"
     start = time.perf_counter()
     if record_path.exists():
-        read_record(record_path)  # validates
+        record = read_record(record_path)  # validates
+        check_record_matches(record, spec, suite, record_path)
         return RunResult(spec, run_dir, record_path, 0.0)
     torch_device = pick_device(device)
     splits = splits_for(suite, data_root)

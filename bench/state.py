@@ -38,6 +38,21 @@ def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
                 buf.copy_(copy)
 
 
+@contextlib.contextmanager
+def shifted_weights(params: list[torch.Tensor], shifts: list[torch.Tensor]) -> Iterator[None]:
+    """Add `shifts` to `params` in place for the body, subtract them afterwards (also on
+    an exception): the weight-perturbation pattern of AWP and RWP."""
+    with torch.no_grad():
+        for p, v in zip(params, shifts, strict=True):
+            p.add_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, shifts, strict=True):
+                p.sub_(v)
+
+
 def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Conv and linear kernels: parameters with more than one dimension whose
     name ends in `weight` (what weight-perturbation defenses perturb)."""

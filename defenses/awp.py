@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.state import TrainState, kernel_parameters, preserved_bn_stats
+from bench.state import TrainState, kernel_parameters, preserved_bn_stats, shifted_weights
 from defenses.base import Defense, DefenseCard, register_defense
 
 
@@ -87,12 +87,5 @@ class AWP(Defense):
         state.counter.add(bwd=1)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(kernels, grads)]
         perturbation = layerwise_perturbation(kernels, grads, self.gamma)
-        with torch.no_grad():
-            for p, v in zip(kernels, perturbation, strict=True):
-                p.add_(v)
-        try:
+        with shifted_weights(kernels, perturbation):
             yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(kernels, perturbation, strict=True):
-                    p.sub_(v)

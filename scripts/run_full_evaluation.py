@@ -5,8 +5,11 @@ leaderboard. Resumable: finished runs are skipped, half-done runs continue.
     python scripts/run_full_evaluation.py --suite cifar10-linf --defenses awp --seeds 0,1,2
 
 Each entry of --defenses is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g.
-`trades+awp`); the plain methods of --methods (default: at) are always run as
-baselines, so every row has its reference.
+`trades+awp`). The plain methods of --methods (default: the suite's `methods`, e.g.
+`at`) are always run as baselines, so every row has its reference; a defense without
+a method prefix runs with each of those methods it composes with, and a registered
+defense that composes with none of them is skipped with a note (LAP on a multi-step
+suite, for instance).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import USER_ERRORS  # noqa: E402
 from bench.config import (  # noqa: E402
     METHODS,
     ConfigError,
@@ -29,21 +33,33 @@ from bench.runner import run_one, validate_spec  # noqa: E402
 from defenses.base import list_defenses  # noqa: E402
 
 
-def plan(suite_name: str, defenses: list[str] | None, methods: list[str],
+def plan(suite_name: str, defenses: list[str] | None, methods: list[str] | None,
          seeds: list[int] | None) -> list[RunSpec]:
     suite = load_suite(suite_name)
     seeds = seeds if seeds is not None else list(suite.seeds)
+    methods = methods if methods is not None else list(suite.methods)
     combos: list[tuple[str, tuple]] = [(m, ()) for m in methods]
-    names = defenses if defenses is not None else list(list_defenses())
-    for entry in names:
+    registry = list_defenses()
+    for entry in defenses if defenses is not None else list(registry):
         parts = entry.split("+")
-        method = parts[0] if parts[0] in METHODS else methods[0]
-        defense_args = parts[1:] if parts[0] in METHODS else parts
-        combos.append((method, tuple(parse_defense_arg(d) for d in defense_args)))
-    specs = [RunSpec(suite.name, m, d, seed) for m, d in combos for seed in seeds]
-    for spec in specs:
+        if parts[0] in METHODS:
+            combos.append((parts[0], tuple(parse_defense_arg(d) for d in parts[1:])))
+            continue
+        specs = tuple(parse_defense_arg(d) for d in parts)
+        cls = registry.get(specs[0].name)  # unknown or file-based: validate_spec decides
+        usable = [m for m in methods if cls is None or not cls.methods or m in cls.methods]
+        if not usable:
+            message = (f"{entry}: composes with {list(cls.methods)}, but suite "
+                       f"{suite.name!r} runs {methods}")
+            if defenses is not None:
+                raise ConfigError(f"{message}; prefix a method, e.g. "
+                                  f"{cls.methods[0]}+{entry}, or pick another suite")
+            print(f"skipped {message}", file=sys.stderr)
+        combos.extend((m, specs) for m in usable)
+    specs_out = [RunSpec(suite.name, m, d, seed) for m, d in combos for seed in seeds]
+    for spec in specs_out:
         validate_spec(spec, suite)  # fail before any training
-    return specs
+    return specs_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="fmnist-quick")
     parser.add_argument("--defenses", default=None,
                         help="comma-separated defenses (default: every registered one)")
-    parser.add_argument("--methods", default="at", help="baseline methods, comma-separated")
+    parser.add_argument("--methods", default=None,
+                        help="baseline methods, comma-separated (default: the suite's)")
     parser.add_argument("--seeds", default=None, help="comma-separated (default: the suite's)")
     parser.add_argument("--results", default="results")
     parser.add_argument("--out", default=None,
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = plan(
             args.suite,
             None if args.defenses is None else [d for d in args.defenses.split(",") if d],
-            [m for m in args.methods.split(",") if m],
+            None if args.methods is None else [m for m in args.methods.split(",") if m],
             None if args.seeds is None else [int(s) for s in args.seeds.split(",")],
         )
     except (ConfigError, ValueError) as exc:
@@ -76,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     for number, spec in enumerate(specs, 1):
         print(f"[{number}/{len(specs)}] {spec.row_name} seed {spec.seed} "
               f"({time.perf_counter() - start:.0f}s elapsed)", flush=True)
-        result = run_one(spec, Path(args.results), data_root=args.data_root,
-                         device=args.device, progress=not args.quiet, suite=suite)
+        try:
+            result = run_one(spec, Path(args.results), data_root=args.data_root,
+                             device=args.device, progress=not args.quiet, suite=suite)
+        except USER_ERRORS as exc:
+            print(f"run_full_evaluation: error in {spec.row_name} seed {spec.seed}: {exc}\n"
+                  f"(finished runs are kept; run the same command again to resume)",
+                  file=sys.stderr)
+            return 2
         print(f"    record: {result.record_path}", flush=True)
     from leaderboard.compile import write_leaderboard
 

@@ -105,3 +105,31 @@ def test_full_evaluation_script_is_resumable(tmp_path):
     bad = subprocess.run([*cmd[:3], "smoke", "--defenses", "nodef"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "unknown defense 'nodef'" in bad.stderr
+
+
+def _plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_full_evaluation", ROOT / "scripts" / "run_full_evaluation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.plan
+
+
+def test_full_evaluation_runs_each_defense_with_the_suite_methods_it_composes_with(capsys):
+    from bench.config import ConfigError
+
+    plan = _plan()
+    rows = {(s.row_name, s.method) for s in plan("fmnist-quick", None, None, [0])}
+    assert ("AT", "at") in rows and ("AT+AWP", "at") in rows and ("AT+HR", "at") in rows
+    assert not any("LAP" in name for name, _ in rows)  # single-step only: skipped, said so
+    assert "skipped lap" in capsys.readouterr().err
+    single = {s.row_name for s in plan("fmnist-quick", ["lap", "dom_re"], ["fgsm_rs", "n_fgsm"],
+                                       [0])}
+    assert {"FGSM-RS", "N-FGSM", "FGSM-RS+LAP", "N-FGSM+LAP", "FGSM-RS+DOM-RE"} <= single
+    assert "N-FGSM+DOM-RE" not in single
+    with pytest.raises(ConfigError, match="fgsm_rs\\+lap"):
+        plan("fmnist-quick", ["lap"], None, [0])
+    assert {s.row_name for s in plan("fmnist-quick", ["fgsm_rs+lap"], None, [0])} == {
+        "AT", "FGSM-RS+LAP"}

@@ -88,14 +88,22 @@ def reference_step(model, optimizer, x, y) -> torch.Tensor:
     return loss
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _time_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of each, measured alternately (a, b, a, b, ...), so
+    that a load change on the machine hits both sides alike."""
+    fn_a()
+    fn_b()  # warm-up
+    best_a = best_b = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for fn, which in ((fn_a, "a"), (fn_b, "b")):
+            start = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start
+            if which == "a":
+                best_a = min(best_a, seconds)
+            else:
+                best_b = min(best_b, seconds)
+    return best_a, best_b
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -131,9 +139,8 @@ def test_engine_step_vs_reference(benchmark, case, tmp_path):
             x, y = next(ref_batches)
         reference_step(ref_model, ref_opt, x, y)
 
-    repeats = 2 if case == "preact_resnet18" else 3
-    t_ref = _time(ref_step, repeats)
-    t_engine = _time(engine_step, repeats)
+    repeats = 3 if case == "preact_resnet18" else 5
+    t_ref, t_engine = _time_pair(ref_step, engine_step, repeats)
     speedup = t_ref / t_engine
     print(f"\n{case}: reference {t_ref * 1000:.0f} ms/step, engine {t_engine * 1000:.0f} ms/step, "
           f"speedup {speedup:.2f}x (batch {batch}, PGD-{STEPS})")
