@@ -88,6 +88,15 @@ class CurveConfig:
     size: int = 1000  # images of validation split and of the fixed training subset
     attack_steps: int = 10
     step_ratio: float = 0.25  # step = ratio * eps
+    # also record `val_fgsm` each epoch: FGSM from a zero start with step eps on the
+    # validation curve subset (the catastrophic-overfitting signal; see bench/overfitting.py)
+    fgsm: bool = False
+
+
+# Fields added after suites had been published, as (section, key): left out of the protocol
+# hash while they hold their dataclass default, so adding them changed no existing suite's
+# hash (and so invalidated no run folder and split no leaderboard).
+HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),)
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ class Suite:
         left out, so editing them never splits a leaderboard or invalidates a run."""
         protocol = {k: v for k, v in self.to_dict().items()
                     if k not in ("description", "defense_overrides", "source_hash")}
+        _drop_optional_defaults(protocol)
         return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
 
     def overrides_for(self, defense_names: list[str]) -> dict:
@@ -140,6 +150,19 @@ class Suite:
         payload = {"protocol": self.protocol_hash,
                    "overrides": self.overrides_for(defense_names)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                    "curves": CurveConfig, "eval": EvalConfig}
+
+
+def _drop_optional_defaults(protocol: dict) -> None:
+    """Remove each `HASH_OPTIONAL_FIELDS` entry that holds its default (in place)."""
+    for section, key in HASH_OPTIONAL_FIELDS:
+        default = _SECTION_CLASSES[section].__dataclass_fields__[key].default
+        values = protocol.get(section, {})
+        if key in values and values[key] == default:
+            del values[key]
 
 
 def _section(raw: dict, name: str, where: str) -> dict:
@@ -200,6 +223,8 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
     if not 0.0 <= data.label_noise < 1.0:
         raise ConfigError(f"{where} [data]: label_noise must be in [0, 1)")
     curves = _build(CurveConfig, _section(raw, "curves", where), f"{where} [curves]")
+    if not isinstance(curves.fgsm, bool):
+        raise ConfigError(f"{where} [curves]: fgsm must be true or false")
     evaluation = _build(EvalConfig, _section(raw, "eval", where), f"{where} [eval]")
     if evaluation.autoattack not in ("standard", "apgd", "reduced", "none"):
         raise ConfigError(f"{where} [eval]: autoattack must be standard, apgd, reduced or none")

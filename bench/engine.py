@@ -119,15 +119,28 @@ def build_optimizer(model: nn.Module, suite: Suite, device: torch.device) -> tor
 class CurvePoint:
     robust: float
     clean: float
+    fgsm: float | None = None  # FGSM accuracy (zero start, step eps) when asked for
+
+
+def fgsm_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                 autocast_dtype: torch.dtype | None) -> int:
+    """Images still correct after FGSM from a zero start with step eps (the convention
+    of the catastrophic-overfitting literature); uses no randomness."""
+    x_adv = pgd(model, x, y, eps=eps, step_size=eps, steps=1, random_start=False,
+                autocast_dtype=autocast_dtype)
+    with torch.no_grad(), _autocast(x.device, autocast_dtype):
+        return int((model(x_adv).argmax(1) == y).sum().item())
 
 
 def curve_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
-                seed: int, autocast_dtype: torch.dtype | None, batch: int = 500) -> CurvePoint:
-    """PGD (the suite's curve attack) and clean accuracy, eval mode, fixed seed."""
+                seed: int, autocast_dtype: torch.dtype | None, batch: int = 500,
+                fgsm: bool = False) -> CurvePoint:
+    """PGD (the suite's curve attack) and clean accuracy, eval mode, fixed seed; with
+    `fgsm`, also FGSM accuracy (which draws no random numbers, so PGD is unchanged)."""
     c, eps = suite.curves, suite.train.eps
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
-    robust = clean = 0
+    robust = clean = fgsm_hits = 0
     was_training = model.training
     model.eval()
     try:
@@ -138,10 +151,12 @@ def curve_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite
             with torch.no_grad(), _autocast(x.device, autocast_dtype):
                 robust += (model(x_adv).argmax(1) == yb).sum().item()
                 clean += (model(xb).argmax(1) == yb).sum().item()
+            if fgsm:
+                fgsm_hits += fgsm_correct(model, xb, yb, eps, autocast_dtype)
     finally:
         model.train(was_training)
     n = max(1, len(x))
-    return CurvePoint(robust / n, clean / n)
+    return CurvePoint(robust / n, clean / n, fgsm_hits / n if fgsm else None)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -314,7 +329,8 @@ class Trainer:
             train_seconds = time.perf_counter() - start
             curve_start = time.perf_counter()
             val = curve_point(self.model, *self.val_curve, self.suite,
-                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
+                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype,
+                              fgsm=self.suite.curves.fgsm)
             trn = curve_point(self.model, *self.train_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
             curve_seconds = time.perf_counter() - curve_start
@@ -323,6 +339,7 @@ class Trainer:
             row = {"epoch": state.epoch, "lr": state.lr, "eps": state.eps, **train_stats,
                    "train_robust": trn.robust, "train_clean": trn.clean,
                    "val_robust": val.robust, "val_clean": val.clean,
+                   **({"val_fgsm": val.fgsm} if val.fgsm is not None else {}),
                    "seconds": train_seconds, "curve_seconds": curve_seconds,
                    "forward_passes": state.counter.forward,
                    "backward_passes": state.counter.backward}
@@ -335,8 +352,9 @@ class Trainer:
             atomic_torch_save(payload, last_path)
             write_history(self.run_dir / "history.jsonl", history)
             if bar is not None:
+                fgsm = {} if val.fgsm is None else {"val_fgsm": f"{val.fgsm:.3f}"}
                 bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",
-                                best=best["epoch"])
+                                **fgsm, best=best["epoch"])
                 bar.update(1)
         if bar is not None:
             bar.close()

@@ -5,7 +5,8 @@ For every model in `eval_models`, at the best and at the last checkpoint, in
 CW-inf-20 (margin loss) and AutoAttack (official `pyautoattack`), on the suite's
 evaluation set. Sanity flags: AutoAttack's own warnings, PGD at a huge epsilon
 must reach ~0, more PGD steps must not raise accuracy, and a large
-PGD-vs-AutoAttack gap.
+PGD-vs-AutoAttack gap. The record also carries `catastrophic_overfitting`: None,
+or the first epoch flagged by `bench.overfitting` from the per-epoch curves.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from attacks.pgd import clean_accuracy, pgd, robust_accuracy
 from bench.config import RunSpec, Suite
 from bench.data import Splits
 from bench.engine import Trainer, collect_eval_models, derive_seed, pick_device
+from bench.overfitting import FGSM_KEY, catastrophic_overfitting_field
 from bench.records import (
     RecordError,
     device_description,
@@ -174,12 +176,21 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
     return record
 
 
+CURVE_KEYS = ("epoch", "train_robust", "val_robust", "train_clean", "val_clean", "train_loss",
+              "lr")
+
+
+def record_curves(history: list[dict]) -> dict[str, list]:
+    """The record's per-epoch curves; `val_fgsm` joins them when the history has it."""
+    keys = CURVE_KEYS + ((FGSM_KEY,) if any(FGSM_KEY in row for row in history) else ())
+    return {k: [row.get(k) for row in history] for k in keys}
+
+
 def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flags: list[dict],
                  autoattack: dict, last: dict, trainer: Trainer, eval_seconds: float,
                  device: torch.device) -> dict:
     history = read_history(run_dir / "history.jsonl")
-    keys = ("epoch", "train_robust", "val_robust", "train_clean", "val_clean", "train_loss", "lr")
-    curves = {k: [row.get(k) for row in history] for k in keys}
+    curves = record_curves(history)
     aa_summary = {"version": suite.eval.autoattack}
     for key, info in autoattack.items():
         aa_summary[key] = {k: v for k, v in info.items() if k != "log"}
@@ -197,6 +208,7 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
         "metrics": metrics,
         "history": {"best_epoch": last["best"]["epoch"], "epochs": suite.train.epochs,
                     "best_val_robust": last["best"]["val_robust"], "curves": curves},
+        "catastrophic_overfitting": catastrophic_overfitting_field(history),
         "cost": {"train_seconds": float(last["seconds"]),
                  "seconds_per_epoch": [row["seconds"] for row in history],
                  "curve_seconds": sum(row.get("curve_seconds", 0.0) for row in history),

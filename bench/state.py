@@ -23,7 +23,9 @@ from bench.config import RunSpec, Suite
 @contextlib.contextmanager
 def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
     """Run extra forwards in train mode without touching BatchNorm running
-    statistics (they are restored on exit, bit for bit)."""
+    statistics (they are restored on exit, bit for bit). Use it before the batch's
+    training forward (in `before_attack`, `after_attack` or on entering `around_update`):
+    the in-place restore after that forward would invalidate its autograd graph."""
     saved = [
         (buf, buf.detach().clone())
         for module in model.modules()

@@ -20,6 +20,11 @@ LEGEND = (
     "*flags*: sanity checks that fired on some seed or checkpoint. "
     "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
 )
+CO_LEGEND = (
+    "*CO*: catastrophic overfitting, seeds flagged / seeds checked and the earliest flagged "
+    "epoch (– = none): validation PGD accuracy collapsed (below 5%, or more than 20 points "
+    "below its running maximum) while FGSM accuracy stayed high; see `bench/overfitting.py`."
+)
 
 
 def _missing(value: Any) -> bool:
@@ -54,6 +59,14 @@ def _best_epoch(row: pd.Series) -> str:
     return text if _missing(row["epochs"]) else f"{text} / {int(row['epochs'])}"
 
 
+def co_cell(row: pd.Series) -> str:
+    """'2/3 @ep 12' (seeds flagged / seeds checked, earliest epoch), or '–' when none."""
+    if _missing(row["co_seeds"]) or int(row["co_seeds"]) == 0:
+        return DASH
+    epoch = "" if _missing(row["co_epoch_min"]) else f" @ep {int(row['co_epoch_min'])}"
+    return f"{int(row['co_seeds'])}/{int(row['co_checked'])}{epoch}"
+
+
 def suite_markdown(table: pd.DataFrame) -> str:
     """One suite's section: heading, protocol line, table, legend, defense cards."""
     meta = table.attrs
@@ -68,9 +81,11 @@ def suite_markdown(table: pd.DataFrame) -> str:
         out += [f"> Older version of suite `{meta.get('name')}`: these runs used a different "
                 "suite file and are not comparable with the current table.", ""]
     extra = bool(table["extra_pretraining"].astype(str).str.len().gt(0).any())
+    co = "co_seeds" in table.columns
     headers = ["#", "row", "clean best", "clean last", "PGD-20 best", "PGD-20 last",
                "AutoAttack best", "AutoAttack last", "gap PGD-20", "gap AutoAttack",
-               "best epoch", "seeds", "cost vs AT", "passes vs AT", "flags"]
+               "best epoch"] + (["CO"] if co else []) + [
+               "seeds", "cost vs AT", "passes vs AT", "flags"]
     headers += ["extra pretraining"] if extra else []
     rows = []
     for i, (_, r) in enumerate(table.iterrows(), start=1):
@@ -78,11 +93,11 @@ def suite_markdown(table: pd.DataFrame) -> str:
         for col in ("clean_best", "clean_last", "pgd20_best", "pgd20_last", "autoattack_best",
                     "autoattack_last", "gap_pgd20", "gap_autoattack"):
             cells.append(pct(r[f"{col}_mean"], r[f"{col}_std"]))
-        cells += [_best_epoch(r), r["seeds"], ratio(r["cost_vs_at"]), ratio(r["passes_vs_at"]),
-                  r["flags"] or DASH]
+        cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
+        cells += [r["seeds"], ratio(r["cost_vs_at"]), ratio(r["passes_vs_at"]), r["flags"] or DASH]
         cells += [r["extra_pretraining"] or DASH] if extra else []
         rows.append(cells)
-    out += [md_table(headers, rows), "", LEGEND, ""]
+    out += [md_table(headers, rows), "", LEGEND + (" " + CO_LEGEND if co else ""), ""]
     cards = meta.get("cards") or {}
     if cards:
         out += ["### Defenses", ""]

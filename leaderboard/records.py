@@ -16,6 +16,7 @@ SCHEMA = 1
 METRICS = ("clean", "pgd20", "cw20", "autoattack")
 CHECKPOINTS = ("best", "last")
 RECORD_NAME = "record.json"
+CO_KEY = "catastrophic_overfitting"  # optional: null, or {epoch, val_pgd, val_fgsm, ...}
 
 
 class LeaderboardWarning(UserWarning):
@@ -75,6 +76,10 @@ def validate_record(rec: Any) -> None:
     for key in ("flags", "extra_pretraining"):
         if not isinstance(rec.get(key, []), list):
             raise ValueError(f"{key!r} is not a list")
+    co = rec.get(CO_KEY)
+    if co is not None and not (isinstance(co, dict) and isinstance(co.get("epoch"), int)
+                               and not isinstance(co.get("epoch"), bool)):
+        raise ValueError(f"{CO_KEY!r} is neither null nor an object with an integer 'epoch'")
 
 
 def how_to_make_records(results_dir: Path) -> str:

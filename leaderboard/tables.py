@@ -17,6 +17,7 @@ import pandas as pd
 
 from leaderboard.records import (
     CHECKPOINTS,
+    CO_KEY,
     METRICS,
     LeaderboardWarning,
     canonical,
@@ -32,6 +33,9 @@ COLUMNS = (
        "seconds_per_epoch_mean", "passes_mean", "cost_vs_at", "passes_vs_at",
        "pretraining_seconds_mean", "extra_pretraining", "flags", "run_ids"]
 )
+# catastrophic overfitting, only in the tables of suites with CO data (see `has_co_data`):
+# seeds flagged, seeds whose record was checked, earliest flagged epoch
+CO_COLUMNS = ["co_seeds", "co_checked", "co_epoch_min"]
 
 
 def _num(value: Any) -> float:
@@ -127,6 +131,22 @@ def _seconds_per_epoch(rec: dict) -> float:
     return train / epochs if epochs and epochs > 0 else math.nan
 
 
+def has_co_data(records: list[dict]) -> bool:
+    """True when a suite's table gets the CO columns: some record flags catastrophic
+    overfitting, or some record carries the FGSM curve (`val_fgsm`) the detector uses."""
+    for rec in records:
+        curves = (rec.get("history") or {}).get("curves") or {}
+        if rec.get(CO_KEY) is not None or "val_fgsm" in curves:
+            return True
+    return False
+
+
+def _co_epoch(rec: dict) -> float:
+    """The record's catastrophic-overfitting epoch, NaN when none was flagged."""
+    co = rec.get(CO_KEY)
+    return _num(co.get("epoch")) if isinstance(co, dict) else math.nan
+
+
 def run_rows(rec: dict, label: str) -> list[dict]:
     """One flat row per evaluated model of one run (one seed)."""
     spec, cost, hist = rec["spec"], rec.get("cost") or {}, rec.get("history") or {}
@@ -145,8 +165,11 @@ def run_rows(rec: dict, label: str) -> list[dict]:
     }
     rows = []
     for model, per_ckpt in rec["metrics"].items():
+        trained = model == "model"  # the curves (so the CO check) are the trained model's
         row = dict(base, model=model,
-                   row=label if model == "model" else f"{label} [{model}]",
+                   row=label if trained else f"{label} [{model}]",
+                   co_checked=trained and CO_KEY in rec,
+                   co_epoch=_co_epoch(rec) if trained else math.nan,
                    flags=[str(f.get("check", "?")) for f in rec.get("flags") or []
                           if isinstance(f, dict) and f.get("model") in (None, model)])
         for metric in METRICS:
@@ -195,7 +218,9 @@ def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
             passes_mean=grp["passes"].mean(),
             pretraining_seconds_mean=grp["pretraining_seconds"].mean(),
             extra_pretraining=_unique(grp["extra"]), flags=_unique(grp["flags"]),
-            run_ids=",".join(sorted(grp["run_id"])))
+            run_ids=",".join(sorted(grp["run_id"])),
+            co_seeds=int(grp["co_epoch"].notna().sum()), co_checked=int(grp["co_checked"].sum()),
+            co_epoch_min=grp["co_epoch"].min())
         rows.append(row)
     table = pd.DataFrame(rows)
     at = table[table.apply(_is_plain_at, axis=1)]
@@ -206,7 +231,7 @@ def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
         table["cost_vs_at"] = table["passes_vs_at"] = math.nan
     table["_sort"] = table["autoattack_last_mean"].fillna(table["pgd20_last_mean"])
     table = table.sort_values(["_sort", "row"], ascending=[False, True], na_position="last")
-    table = table[COLUMNS].reset_index(drop=True)
+    table = table[COLUMNS + (CO_COLUMNS if has_co_data(records) else [])].reset_index(drop=True)
     floats = table.select_dtypes("float").columns
     table[floats] = table[floats].round(DECIMALS)  # drop float noise such as 1e-17 stds
     table.attrs.update(_suite_meta(key, records, newest))

@@ -65,3 +65,77 @@ def test_a_finished_run_from_another_suite_version_is_refused(tmp_path):
     with pytest.raises(RunMismatchError, match="another version of suite 'smoke'"):
         run_one(spec, tmp_path, progress=False, suite=smoke)
     shutil.rmtree(run_dir_for(spec, tmp_path))
+
+
+FROZEN = """
+name = "frozen"
+seeds = [0, 1]
+methods = ["fgsm_rs", "n_fgsm"]
+[data]
+dataset = "synthetic"
+train_size = 256
+[model]
+name = "small_cnn"
+width = 8
+[train]
+epochs = 3
+eps = "8/255"
+[curves]
+size = 64
+{fgsm}
+[eval]
+autoattack = "none"
+"""
+# protocol_hash of FROZEN (without an fgsm line) computed before `[curves] fgsm` existed
+FROZEN_HASH = "64ce28bbd5f3d64257ea08adae35b396ecb865ec3a7d57c736374a379132aa2c"
+
+
+def test_the_fgsm_curve_option_changes_no_existing_hash():
+    assert parse_suite(FROZEN.format(fgsm=""), "f", "t").protocol_hash == FROZEN_HASH
+    explicit_off = parse_suite(FROZEN.format(fgsm="fgsm = false"), "f", "t")
+    assert explicit_off.protocol_hash == FROZEN_HASH
+    assert parse_suite(FROZEN.format(fgsm="fgsm = true"), "f", "t").protocol_hash != FROZEN_HASH
+
+
+@pytest.mark.parametrize("name", list_suites())
+def test_shipped_suite_hashes_are_the_hashes_without_the_optional_fields(name):
+    """A suite with the option at its default hashes as it did before the field existed."""
+    import hashlib
+
+    loaded = load_suite(name)
+    if loaded.curves.fgsm:
+        pytest.skip("the suite turns the FGSM curve on")
+    protocol = {k: v for k, v in loaded.to_dict().items()
+                if k not in ("description", "defense_overrides", "source_hash")}
+    del protocol["curves"]["fgsm"]
+    legacy = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
+    assert loaded.protocol_hash == legacy
+
+
+def test_fgsm_option_must_be_a_boolean():
+    from bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fgsm must be true or false"):
+        parse_suite(FROZEN.format(fgsm='fgsm = "yes"'), "f", "t")
+
+
+@pytest.mark.parametrize("name, eps", [("cifar10-fast", 8), ("cifar10-fast-16", 16),
+                                       ("cifar10-fast-cpu", 16)])
+def test_single_step_suites(name, eps):
+    s = load_suite(name)
+    assert s.methods == ("fgsm_rs", "n_fgsm") and s.curves.fgsm
+    assert s.train.eps == pytest.approx(eps / 255)
+    assert s.train.fgsm_step_size == pytest.approx(1.25 * s.train.eps)  # specs/baselines.md
+    assert (s.train.epochs, s.train.schedule, s.train.lr, s.train.batch_size) == (
+        30, "cyclic", 0.2, 128)
+    if name != "cifar10-fast-cpu":
+        assert s.model.name == "preact_resnet18" and s.eval.autoattack == "standard"
+        assert (s.data.train_size, s.data.val_size, s.data.test_size) == (0, 1000, 0)
+        assert s.train.weight_decay == pytest.approx(5e-4) and s.data.augment == "crop_flip"
+    else:
+        assert s.model.name == "small_cnn" and s.model.kwargs == {
+            "width": 32, "conv_layers": 3, "fc": 1024}
+        assert (s.data.dataset, s.data.train_size, s.data.val_size, s.data.test_size) == (
+            "cifar10", 5000, 500, 1000)
+        assert (s.curves.size, s.curves.attack_steps, s.curves.step_ratio) == (500, 5, 0.25)
+        assert (s.eval.autoattack, s.eval.autoattack_size) == ("apgd", 500)

@@ -208,3 +208,66 @@ def test_import_is_light() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'defenses', 'bench')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def co_record(row_name: str, method: str, seed: int, co_epoch: int | None,
+              fgsm_curve: bool = True, **kwargs) -> dict:
+    """A record of the single-step suite `fast`, with or without a CO epoch."""
+    rec = make_record(row_name, method=method, seed=seed, suite="fast", **kwargs)
+    if fgsm_curve:
+        rec["history"]["curves"]["val_fgsm"] = [0.4, 0.5, 0.7]
+    rec["catastrophic_overfitting"] = None if co_epoch is None else {
+        "epoch": co_epoch, "val_pgd": 0.01, "val_fgsm": 0.7, "val_pgd_max": 0.3, "rule": "r"}
+    return rec
+
+
+def test_no_co_column_without_co_data(results: Path, tmp_path: Path) -> None:
+    """Suites without CO data (no FGSM curve, nothing flagged) keep their table as it was."""
+    write(results, co_record("AT", "at", 0, None, fgsm_curve=False), folder="checked")
+    tables = compile_tables(load_records(results))
+    assert "co_seeds" not in tables["quick"].columns
+    assert "co_seeds" not in tables["fast"].columns  # checked, PGD only, nothing flagged
+    write_leaderboard(results, tmp_path / "out", plots=False)
+    assert "| CO |" not in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_co_column_counts_seeds_and_earliest_epoch(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    ema = {"ema": {"best": {"clean": 0.8, "pgd20": 0.6, "cw20": 0.5, "autoattack": 0.55},
+                   "last": {"clean": 0.8, "pgd20": 0.58, "cw20": 0.5, "autoattack": 0.54}}}
+    for seed, epoch in enumerate([12, 9, None]):
+        write(res, co_record("FGSM-RS", "fgsm_rs", seed, epoch, aa_last=0.0,
+                             extra_models=ema))
+    for seed in range(3):
+        write(res, co_record("N-FGSM", "n_fgsm", seed, None))
+    t = compile_tables(load_records(res))["fast"].set_index("row")
+    assert t.loc["FGSM-RS", "co_seeds"] == 2 and t.loc["FGSM-RS", "co_checked"] == 3
+    assert t.loc["FGSM-RS", "co_epoch_min"] == 9
+    assert t.loc["N-FGSM", "co_seeds"] == 0 and pd.isna(t.loc["N-FGSM", "co_epoch_min"])
+    assert t.loc["FGSM-RS [ema]", "co_checked"] == 0  # the curves are the trained model's
+    write_leaderboard(res, tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| best epoch | CO | seeds |" in md and "*CO*: catastrophic overfitting" in md
+    lines = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 2/3 @ep 9 |" in lines["FGSM-RS"]
+    assert "| – | 3/3 |" in lines["N-FGSM"] and "| – | 3/3 |" in lines["FGSM-RS [ema]"]
+    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert {"co_seeds", "co_checked", "co_epoch_min"} <= set(csv.columns)
+
+
+def test_a_flagged_record_without_fgsm_curve_shows_the_column(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    write(res, co_record("AT", "at", 0, 7, fgsm_curve=False))
+    write(res, make_record("AT", seed=1, suite="fast"))  # an older record: not checked
+    t = compile_tables(load_records(res))["fast"]
+    assert (t.loc[0, "co_seeds"], t.loc[0, "co_checked"], t.loc[0, "co_epoch_min"]) == (1, 1, 7)
+
+
+def test_malformed_co_field_is_skipped(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    write(res, make_record())
+    bad = co_record("AT", "at", 1, None)
+    bad["catastrophic_overfitting"] = {"epoch": "twelve"}
+    write(res, bad)
+    with pytest.warns(LeaderboardWarning, match="catastrophic_overfitting"):
+        assert len(load_records(res)) == 1

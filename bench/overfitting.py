@@ -1,0 +1,117 @@
+"""Catastrophic overfitting (CO) detection from a run's per-epoch curves.
+
+Catastrophic overfitting (Wong, Rice & Kolter, ICLR 2020) is the sudden collapse of
+single-step adversarial training: within an epoch or two, multi-step (PGD) robust
+accuracy falls to about zero while single-step (FGSM) accuracy stays high or even
+climbs, because the model has learned to defeat the one attack it trains against.
+
+The detector reads the `history.jsonl` rows the engine writes: `val_robust` (PGD, the
+suite's curve attack) and, when the suite sets `[curves] fgsm = true`, `val_fgsm`
+(FGSM from a zero start with step eps, the convention of the CO literature). With
+P_e, F_e the validation PGD and FGSM accuracies of epoch e and P*_e, F*_e their
+running maxima over epochs 1..e, CO is flagged at the first epoch e where
+
+1. PGD collapsed: P_e < PGD_FLOOR, or P_e < P*_e - PGD_DROP; and
+2. FGSM stayed high: F_e >= F*_e - FGSM_MAX_FALL (FGSM did not collapse with PGD)
+   and F_e >= P_e + FGSM_MIN_GAP (single-step accuracy clearly above multi-step).
+
+Condition 2 separates CO from a model that simply diverged (both accuracies fall) or
+never became robust (both low, as in standard training).
+
+Without an FGSM curve only condition 1 can be checked ("PGD only"). To keep a model
+that never became robust from being flagged, the floor part then also needs P*_e >=
+PGD_FLOOR_REACHED (the accuracy *fell* below the floor). A PGD-only result cannot tell
+CO from a large, sudden robust-overfitting drop; the result's `rule` says which check ran.
+
+Plain Python on purpose (no torch): the rule can be re-applied to any history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+PGD_FLOOR = 0.05  # validation PGD accuracy below this counts as collapsed
+PGD_DROP = 0.20  # ... as does falling more than this below its running maximum
+PGD_FLOOR_REACHED = 0.10  # PGD-only mode: the floor counts once PGD had reached this
+FGSM_MAX_FALL = 0.10  # FGSM "stays high": at most this below its own running maximum
+FGSM_MIN_GAP = 0.20  # ... and at least this above the PGD accuracy of the same epoch
+
+PGD_KEY = "val_robust"
+FGSM_KEY = "val_fgsm"
+
+
+@dataclass(frozen=True)
+class COEvent:
+    """The first epoch flagged as catastrophic overfitting, and why."""
+
+    epoch: int
+    val_pgd: float
+    val_fgsm: float | None  # None when the suite records no FGSM curve
+    val_pgd_max: float  # running maximum of the validation PGD accuracy at that epoch
+    rule: str  # human-readable: which check fired, with the thresholds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _number(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _pgd_collapse(pgd: float, pgd_max: float, pgd_only: bool) -> str | None:
+    """Which PGD collapse check fired (a short text), or None."""
+    if pgd < PGD_FLOOR and (not pgd_only or pgd_max >= PGD_FLOOR_REACHED):
+        reached = f" after reaching {pgd_max:.3f}" if pgd_only else ""
+        return f"val PGD {pgd:.3f} < {PGD_FLOOR}{reached}"
+    if pgd < pgd_max - PGD_DROP:
+        return f"val PGD {pgd:.3f} fell more than {PGD_DROP} below its maximum {pgd_max:.3f}"
+    return None
+
+
+def _fgsm_high(fgsm: float, fgsm_max: float, pgd: float) -> bool:
+    return fgsm >= fgsm_max - FGSM_MAX_FALL and fgsm >= pgd + FGSM_MIN_GAP
+
+
+def has_fgsm_curve(history: Sequence[dict]) -> bool:
+    """True when every row carries a numeric `val_fgsm` (the suite records the FGSM curve)."""
+    return bool(history) and all(_number(row, FGSM_KEY) is not None for row in history)
+
+
+def detect_catastrophic_overfitting(history: Sequence[dict]) -> COEvent | None:
+    """The first CO epoch of a run's history rows (see the module docstring), or None.
+
+    Rows without a numeric `val_robust` are skipped. The FGSM condition is applied when
+    every row has `val_fgsm`; otherwise the PGD-only check runs and `rule` says so.
+    """
+    with_fgsm = has_fgsm_curve(history)
+    pgd_max = fgsm_max = float("-inf")
+    for position, row in enumerate(history, start=1):
+        pgd = _number(row, PGD_KEY)
+        if pgd is None:
+            continue
+        pgd_max = max(pgd_max, pgd)
+        fgsm = _number(row, FGSM_KEY) if with_fgsm else None
+        if fgsm is not None:
+            fgsm_max = max(fgsm_max, fgsm)
+        collapse = _pgd_collapse(pgd, pgd_max, pgd_only=fgsm is None)
+        if collapse is None:
+            continue
+        epoch = int(row.get("epoch", position))
+        if fgsm is None:
+            rule = f"PGD only (no FGSM curve): {collapse}"
+            return COEvent(epoch, pgd, None, pgd_max, rule)
+        if _fgsm_high(fgsm, fgsm_max, pgd):
+            rule = (f"{collapse}, while val FGSM {fgsm:.3f} stayed within {FGSM_MAX_FALL} of "
+                    f"its maximum {fgsm_max:.3f} and at least {FGSM_MIN_GAP} above PGD")
+            return COEvent(epoch, pgd, fgsm, pgd_max, rule)
+    return None
+
+
+def catastrophic_overfitting_field(history: Sequence[dict]) -> dict | None:
+    """The record's `catastrophic_overfitting` value: None or the event as a dict."""
+    event = detect_catastrophic_overfitting(history)
+    return None if event is None else event.to_dict()

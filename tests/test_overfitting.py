@@ -1,0 +1,178 @@
+"""Catastrophic-overfitting support: the detector on hand-made histories, the per-epoch
+FGSM curve in history.jsonl, and the record's `catastrophic_overfitting` field."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from conftest import with_train
+from invariants import history_without_timing, train
+
+from bench.overfitting import (
+    FGSM_MAX_FALL,
+    FGSM_MIN_GAP,
+    PGD_DROP,
+    PGD_FLOOR,
+    PGD_FLOOR_REACHED,
+    catastrophic_overfitting_field,
+    detect_catastrophic_overfitting,
+)
+from bench.records import read_history, write_history
+
+
+def history(pgd: list[float], fgsm: list[float] | None = None) -> list[dict]:
+    """History rows (epochs from 1) with the given validation PGD and FGSM accuracies."""
+    rows = []
+    for i, p in enumerate(pgd):
+        row = {"epoch": i + 1, "val_robust": p, "val_clean": 0.8, "train_robust": p}
+        if fgsm is not None:
+            row["val_fgsm"] = fgsm[i]
+        rows.append(row)
+    return rows
+
+
+def test_thresholds_are_the_documented_ones():
+    assert (PGD_FLOOR, PGD_DROP, FGSM_MAX_FALL, FGSM_MIN_GAP, PGD_FLOOR_REACHED) == (
+        0.05, 0.20, 0.10, 0.20, 0.10)
+
+
+def test_pgd_below_floor_with_fgsm_high_is_co():
+    event = detect_catastrophic_overfitting(
+        history([0.20, 0.30, 0.02, 0.00], [0.30, 0.40, 0.70, 0.80]))
+    assert event is not None and event.epoch == 3  # the first flagged epoch
+    assert (event.val_pgd, event.val_fgsm, event.val_pgd_max) == (0.02, 0.70, 0.30)
+    assert "< 0.05" in event.rule and "FGSM" in event.rule
+
+
+def test_twenty_point_drop_with_fgsm_high_is_co():
+    pgd = [0.30, 0.45, 0.44, 0.24]  # 21 points below the running maximum, above the floor
+    event = detect_catastrophic_overfitting(history(pgd, [0.40, 0.55, 0.56, 0.58]))
+    assert event is not None and event.epoch == 4
+    assert event.val_pgd == 0.24 and event.val_fgsm == 0.58
+    assert "fell more than 0.2 below its maximum 0.450" in event.rule
+
+
+def test_a_smaller_drop_is_not_co():
+    pgd = [0.30, 0.45, 0.44, 0.27]  # 18 points
+    assert detect_catastrophic_overfitting(history(pgd, [0.40, 0.55, 0.56, 0.58])) is None
+
+
+def test_drop_where_fgsm_also_falls_is_not_co():
+    # PGD collapses, but FGSM falls 25 points below its own maximum: divergence, not CO
+    assert detect_catastrophic_overfitting(
+        history([0.30, 0.45, 0.02], [0.40, 0.55, 0.30])) is None
+
+
+def test_fgsm_must_clearly_exceed_pgd():
+    # never robust (standard training): both accuracies near zero, FGSM at its maximum
+    assert detect_catastrophic_overfitting(history([0.01, 0.02], [0.10, 0.12])) is None
+
+
+def test_fgsm_dip_then_recovery_flags_the_recovery_epoch():
+    event = detect_catastrophic_overfitting(
+        history([0.30, 0.40, 0.01, 0.01], [0.40, 0.50, 0.35, 0.60]))
+    assert event is not None and event.epoch == 4
+
+
+def test_without_fgsm_curve_only_the_pgd_part_runs_and_says_so():
+    event = detect_catastrophic_overfitting(history([0.30, 0.40, 0.15]))
+    assert event is not None and event.epoch == 3 and event.val_fgsm is None
+    assert event.rule.startswith("PGD only (no FGSM curve)")
+    floor = detect_catastrophic_overfitting(history([0.08, 0.12, 0.03]))
+    assert floor is not None and floor.epoch == 3 and "after reaching 0.120" in floor.rule
+    # never reached 10% (standard training, a weak model): falling below 5% is not CO
+    assert detect_catastrophic_overfitting(history([0.06, 0.09, 0.01])) is None
+    # a history with FGSM on some rows only is treated as having no FGSM curve
+    mixed = history([0.30, 0.40, 0.15], [0.5, 0.5, 0.1])
+    del mixed[0]["val_fgsm"]
+    assert detect_catastrophic_overfitting(mixed).val_fgsm is None
+
+
+def test_empty_and_stable_histories():
+    assert detect_catastrophic_overfitting([]) is None
+    assert catastrophic_overfitting_field(history([0.3, 0.4, 0.42], [0.4, 0.5, 0.5])) is None
+
+
+def test_record_field_shape():
+    field = catastrophic_overfitting_field(history([0.30, 0.01], [0.40, 0.70]))
+    assert field is not None
+    assert set(field) == {"epoch", "val_pgd", "val_fgsm", "val_pgd_max", "rule"}
+    assert field["epoch"] == 2 and field["val_pgd"] == 0.01 and field["val_fgsm"] == 0.70
+
+
+# ---- the engine and the record -------------------------------------------------------
+
+def with_fgsm_curve(suite, on: bool = True):
+    return replace(suite, curves=replace(suite.curves, fgsm=on))
+
+
+def test_fgsm_curve_in_history_and_pgd_unchanged(tmp_path, smoke_suite, smoke_splits):
+    """With `[curves] fgsm = true` every row has `val_fgsm`; the option draws no random
+    numbers, so training and every other curve are the same as without it."""
+    base = with_train(smoke_suite, epochs=1)
+    on = train(tmp_path / "on", with_fgsm_curve(base), smoke_splits, method="fgsm_rs")
+    off = train(tmp_path / "off", base, smoke_splits, method="fgsm_rs")
+    (row,) = read_history(on.run_dir / "history.jsonl")
+    assert 0 <= row["val_fgsm"] <= 1
+    (plain,) = history_without_timing(off.run_dir)
+    assert "val_fgsm" not in plain
+    assert {k: v for k, v in history_without_timing(on.run_dir)[0].items()
+            if k != "val_fgsm"} == plain
+
+
+def test_fgsm_curve_is_zero_start_fgsm_with_step_eps(smoke_suite, smoke_splits):
+    import torch
+
+    from attacks.pgd import pgd
+    from bench.engine import curve_point, to_float
+    from bench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(smoke_suite.model, smoke_splits.info).eval()
+    x = to_float(smoke_splits.val_curve.x, False)
+    y = smoke_splits.val_curve.y
+    eps = smoke_suite.train.eps
+    point = curve_point(model, x, y, smoke_suite, seed=1, autocast_dtype=None, batch=20,
+                        fgsm=True)
+    grad_x = x.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(grad_x), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, grad_x)
+    x_fgsm = (x + eps * grad.sign()).clamp(0, 1)
+    with torch.no_grad():
+        expected = (model(x_fgsm).argmax(1) == y).float().mean().item()
+    assert point.fgsm == pytest.approx(expected)
+    x_pgd1 = pgd(model, x, y, eps=eps, step_size=eps, steps=1, random_start=False)
+    torch.testing.assert_close(x_pgd1, x_fgsm)
+    assert curve_point(model, x, y, smoke_suite, seed=1, autocast_dtype=None).fgsm is None
+
+
+def test_record_carries_catastrophic_overfitting(tmp_path, smoke_suite, smoke_splits):
+    import torch
+
+    from bench.evaluate import evaluate_run
+
+    suite = with_fgsm_curve(with_train(smoke_suite, epochs=1))
+    suite = replace(suite, eval=replace(suite.eval, autoattack="none", sanity_checks=False,
+                                        pgd_steps=2, cw_steps=2))
+    run = train(tmp_path, suite, smoke_splits, method="fgsm_rs").run_dir
+    cpu = torch.device("cpu")
+    record = evaluate_run(run, suite, smoke_splits, device=cpu, progress=False)
+    assert "catastrophic_overfitting" in record
+    assert len(record["history"]["curves"]["val_fgsm"]) == 1
+    rows = read_history(run / "history.jsonl")
+    co = [dict(rows[0], epoch=1, val_robust=0.30, val_fgsm=0.40),
+          dict(rows[0], epoch=2, val_robust=0.01, val_fgsm=0.75)]
+    write_history(run / "history.jsonl", co)  # a hand-made collapse, then re-evaluate
+    record = evaluate_run(run, suite, smoke_splits, device=cpu, progress=False)
+    assert record["catastrophic_overfitting"]["epoch"] == 2
+    assert record["catastrophic_overfitting"]["val_fgsm"] == 0.75
+    assert record["history"]["curves"]["val_fgsm"] == [0.40, 0.75]
+
+
+def test_record_curves_gain_val_fgsm_only_when_recorded():
+    from bench.evaluate import record_curves
+
+    rows = [{"epoch": 1, "val_robust": 0.3}]
+    assert "val_fgsm" not in record_curves(rows)
+    assert record_curves([dict(rows[0], val_fgsm=0.4)])["val_fgsm"] == [0.4]
