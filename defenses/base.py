@@ -80,6 +80,10 @@ class Defense(nn.Module):
         """Defaults that depend on the base method (e.g. TRADES-AWP's gamma)."""
         return {}
 
+    def check_run(self, method: str, suite: Suite) -> None:
+        """Refuse (with a ConfigError) settings that cannot run with this method on this
+        suite. Called when the run is planned, before any data is loaded."""
+
     def bind_random_stream(self, run_seed: int, device: torch.device) -> None:
         """Give the defense a generator derived from the run seed and its name,
         so adding a defense never shifts the data order or the attack's randomness."""
@@ -247,7 +251,9 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
         user = spec.param_dict
         _check_params(cls, user, f"defense {spec.name!r}")
         values.update(user)
-        built.append(cls(**values))
+        defense = cls(**values)
+        defense.check_run(method, suite)
+        built.append(defense)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"a defense is listed twice in {names}")

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.config import ConfigError
+from bench.config import ConfigError, Suite
 from bench.state import TrainState, kernel_parameters, preserved_bn_stats
 from defenses.base import Defense, DefenseCard, register_defense
 
@@ -249,10 +249,7 @@ class LAP(Defense):
         self.coefficients: list[float] | None = None
 
     # ---- settings resolved against the run -------------------------------------
-    def setup(self, state: TrainState) -> None:
-        """Resolve `variant` from the method and `beta` from the published table,
-        check that they fit the run, and record the values that run."""
-        method = state.spec.method
+    def _resolve(self, method: str, eps: float) -> tuple[str, float]:
         if method not in self.methods:
             raise ConfigError(f"lap: runs on {list(self.methods)}, not on method {method!r}")
         variant = DEFAULT_VARIANT[method] if self.variant == "auto" else self.variant
@@ -260,9 +257,15 @@ class LAP(Defense):
             raise ConfigError(
                 f"lap: variant {variant} trains with method {VARIANT_METHOD[variant]!r} "
                 f"(its attack), not {method!r}")
-        self.variant = variant
-        if self.beta is None:
-            self.beta = published_beta(variant, state.suite.train.eps)
+        return variant, self.beta if self.beta is not None else published_beta(variant, eps)
+
+    def check_run(self, method: str, suite: Suite) -> None:
+        self._resolve(method, suite.train.eps)  # fails before any data is loaded
+
+    def setup(self, state: TrainState) -> None:
+        """Resolve `variant` from the method and `beta` from the published table,
+        check that they fit the run, and record the values that run."""
+        self.variant, self.beta = self._resolve(state.spec.method, state.suite.train.eps)
         self.coefficients = layer_coefficients(len(kernel_parameters(state.model)), self.gamma_lap)
         self.hparams.update(beta=self.beta, variant=self.variant)
 

@@ -277,10 +277,11 @@ def test_bad_parameters_are_refused(params, match):
 ])
 def test_settings_that_do_not_fit_the_run_are_refused(tmp_path, smoke_suite, smoke_splits,
                                                       method, params, match):
+    with pytest.raises(ConfigError, match=match):  # when the run is planned, before data
+        build_defenses((lap_spec(**params),), method, smoke_suite)
     _, state = built_state(tmp_path, smoke_suite, smoke_splits, method=method)
-    (lap,) = build_defenses((lap_spec(**params),), method, smoke_suite)
-    with pytest.raises(ConfigError, match=match):
-        lap.setup(state)
+    with pytest.raises(ConfigError, match=match):  # and again if a run gets that far
+        LAP(**{**LAP.params, **params}).setup(state)
 
 
 def test_registry_refuses_other_methods_and_unknown_parameters(smoke_suite):
