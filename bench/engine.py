@@ -3,6 +3,8 @@
 The loop, as the pseudocode that documents the defense hooks (`defenses/base.py`):
 
 ```
+check_run(method, suite)              when the run is planned, before any data: refuse
+                                      settings that cannot run (ConfigError)
 setup(state)                          build proxies, EMA, policy nets
 for epoch:
     on_epoch_start(state)
