@@ -74,7 +74,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     if meta.get("description"):
         out += [str(meta["description"]).strip(), ""]
     seeds = meta.get("seeds") or []
-    out += [f"Suite `{meta.get('name')}`, file hash `{str(meta.get('hash', ''))[:12]}`, "
+    out += [f"Suite `{meta.get('name')}`, protocol hash `{str(meta.get('hash', ''))[:12]}`, "
             f"seeds expected: {', '.join(map(str, seeds)) or 'none listed'} ({len(seeds)}); "
             f"{meta.get('n_records', 0)} run record(s).", ""]
     if not meta.get("current", True):
