@@ -139,3 +139,19 @@ def test_single_step_suites(name, eps):
             "cifar10", 5000, 500, 1000)
         assert (s.curves.size, s.curves.attack_steps, s.curves.step_ratio) == (500, 5, 0.25)
         assert (s.eval.autoattack, s.eval.autoattack_size) == ("apgd", 500)
+
+
+def test_evaluating_under_another_suite_version_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from bench.evaluate import evaluate_run
+    from bench.runner import splits_for
+    from invariants import train
+
+    smoke = load_suite("smoke")
+    splits = splits_for(smoke, None)
+    trainer = train(tmp_path, smoke, splits)
+    changed = replace(smoke, eval=replace(smoke.eval, pgd_steps=7))
+    with pytest.raises(RunMismatchError, match="trained under another version"):
+        evaluate_run(trainer.run_dir, changed, splits, progress=False)
+    assert not (trainer.run_dir / "record.json").exists()
