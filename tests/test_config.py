@@ -144,9 +144,10 @@ def test_single_step_suites(name, eps):
 def test_evaluating_under_another_suite_version_is_refused(tmp_path):
     from dataclasses import replace
 
+    from invariants import train
+
     from bench.evaluate import evaluate_run
     from bench.runner import splits_for
-    from invariants import train
 
     smoke = load_suite("smoke")
     splits = splits_for(smoke, None)
