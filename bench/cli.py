@@ -17,9 +17,11 @@ from bench.config import METHODS, ConfigError, RunSpec, list_suites, load_suite,
 from bench.data import DataNotFoundError
 from bench.engine import NonFiniteLossError, RunMismatchError
 from bench.records import RecordError
+from leaderboard.records import RecordsNotFoundError
 
 # errors with a message written for the user: printed without a traceback, exit code 2
-USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, NonFiniteLossError,
+               RecordsNotFoundError)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -133,3 +133,11 @@ def test_full_evaluation_runs_each_defense_with_the_suite_methods_it_composes_wi
         plan("fmnist-quick", ["lap"], None, [0])
     assert {s.row_name for s in plan("fmnist-quick", ["fgsm_rs+lap"], None, [0])} == {
         "AT", "FGSM-RS+LAP"}
+
+
+def test_leaderboard_without_records_is_a_clear_error(tmp_path, capsys):
+    assert main(["leaderboard", "--results", str(tmp_path), "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable run records" in err and "Traceback" not in err
+    assert main(["leaderboard", "--results", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
