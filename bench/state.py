@@ -43,7 +43,7 @@ def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def shifted_weights(params: list[torch.Tensor], shifts: list[torch.Tensor]) -> Iterator[None]:
     """Add `shifts` to `params` in place for the body, subtract them afterwards (also on
-    an exception): the weight-perturbation pattern of AWP and RWP."""
+    an exception): the pattern of weight-perturbation defenses (perturb, train, restore)."""
     with torch.no_grad():
         for p, v in zip(params, shifts, strict=True):
             p.add_(v)
@@ -53,6 +53,29 @@ def shifted_weights(params: list[torch.Tensor], shifts: list[torch.Tensor]) -> I
         with torch.no_grad():
             for p, v in zip(params, shifts, strict=True):
                 p.sub_(v)
+
+
+@contextlib.contextmanager
+def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Seed torch's global CPU generator (and the default generator of a CUDA `device`)
+    from a number drawn from `generator`; restore both on exit."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device).item())
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if cuda else None
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(index) if cuda else None
+    torch.default_generator.manual_seed(seed)
+    if cuda:
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -53,13 +53,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
-from torchvision.transforms.functional import convert_image_dtype
 
 from bench.config import ConfigError
 from bench.state import TrainState, preserved_bn_stats
@@ -107,14 +104,6 @@ def _flag(defense: str, name: str, value: Any) -> bool:
     return value
 
 
-def _rounds(defense: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{defense}: rounds must be an integer >= 1, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -128,34 +117,6 @@ def natural_loss(state: TrainState, x: torch.Tensor, y: torch.Tensor,
         logits = state.model(x)
     state.counter.add(fwd=1)
     return F.cross_entropy(logits.float(), y, reduction="none")
-
-
-@contextlib.contextmanager
-def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Seed torch's global CPU generator (and the default generator of a CUDA `device`)
-    from a number drawn from `generator`; restore both on exit."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                             device=generator.device).item())
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()
-             ) if cuda else None
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(index) if cuda else None
-    torch.default_generator.manual_seed(seed)
-    if cuda:
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_state, index)
-
-
-def build_transform(aug: str) -> torch.nn.Module:
-    """torchvision's AugMix or RandAugment with their default settings (as the reference)."""
-    return T.AugMix() if aug == "augmix" else T.RandAugment()
 
 
 class _DOM(Defense):
@@ -232,118 +193,3 @@ class DomRE(_DOM):
 
     def sample_weights(self, state: TrainState) -> torch.Tensor | None:
         return self._keep
-
-
-# --------------------------------------------------------------------------- DOM_DA
-
-
-@register_defense("dom_da")
-class DomDA(_DOM):
-    card = DefenseCard(
-        name="DOM-DA",
-        paper=_PAPER,
-        venue="ICLR 2024",
-        link=_LINK,
-        reference_code=_CODE,
-        hyperparameters={
-            "warmup": "K = E/2 (0.5 of training: the first lr decay, or the cyclic peak)",
-            "tau (CIFAR-10)": dict(PUBLISHED_TAU),
-            "tau (CIFAR-100)": dict(PUBLISHED_TAU_CIFAR100),
-            "beta / rounds (CIFAR-10)": {f"{m} {a}": list(v) for (m, a), v in
-                                         PUBLISHED_DA.items()},
-            "beta / rounds (CIFAR-100, where they differ)":
-                {"standard augmix": [0.5, 2], "standard randaugment": [0.1, 2]},
-            "transforms": "torchvision AugMix() / RandAugment() defaults, on uint8",
-        },
-        published={
-            **_BASELINES,
-            "PRN-18 CIFAR-10 AT+DOM_DA AugMix (natural / PGD-20 / AA)":
-                {"best": [80.87, 53.54, 47.98], "last": [84.15, 49.31, 45.51]},
-            "PRN-18 CIFAR-10 AT+DOM_DA RandAugment (natural / PGD-20 / AA)":
-                {"best": [83.49, 52.83, 48.41], "last": [83.74, 50.39, 46.62]},
-            "PRN-18 CIFAR-10 RS-FGSM+DOM_DA RandAugment 8/255, last (natural / PGD-20 / AA)":
-                [84.52, 50.10, 42.53],
-            "PRN-18 CIFAR-10 RS-FGSM+DOM_DA AugMix 8/255, last (natural / PGD-20 / AA)":
-                [84.31, 45.15, 41.16],
-            "PRN-18 CIFAR-10 natural training + DOM_DA, test error":
-                {"AugMix": {"best": 4.13, "last": 4.24},
-                 "RandAugment": {"best": 3.96, "last": 4.07}},
-        },
-        extra_data="none",
-        notes=("beta and rounds default to the published values for the base method and "
-               "the chosen transform. Overhead after the warm-up: one extra forward per "
-               "batch plus one forward of the still-flagged images in each round but the "
-               "last, and the torchvision transforms (per image by default)."),
-    )
-    params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "aug": "randaugment",
-              "beta": None, "rounds": None, "per_image": True, "update_bn": True}
-    slots = ("augmentation",)
-
-    def __init__(self, tau: float, warmup: float, aug: str = "randaugment",
-                 beta: float | None = None, rounds: int | None = None,
-                 per_image: bool = True, update_bn: bool = True) -> None:
-        super().__init__(tau=tau, warmup=warmup, update_bn=update_bn, aug=aug, beta=beta,
-                         rounds=rounds, per_image=per_image)
-        if aug not in AUGMENTATIONS:
-            raise ConfigError(f"dom_da: aug must be one of {list(AUGMENTATIONS)}, got {aug!r}")
-        self.aug = aug
-        self.beta = None if beta is None else _number("dom_da", "beta", beta, 0.0, 1.0)
-        self.rounds = _rounds("dom_da", rounds)
-        self.per_image = _flag("dom_da", "per_image", per_image)
-        self.transform = build_transform(aug)
-
-    def setup(self, state: TrainState) -> None:
-        """Fill in the published beta / rounds for the run's method where left unset."""
-        if self.beta is not None and self.rounds is not None:
-            return
-        method = state.spec.method
-        if (method, self.aug) not in PUBLISHED_DA:
-            raise ConfigError(f"dom_da: no published beta/rounds for method {method!r}; "
-                              f"set both (published for {list(METHODS)})")
-        beta, rounds = PUBLISHED_DA[(method, self.aug)]
-        self.beta = beta if self.beta is None else self.beta
-        self.rounds = rounds if self.rounds is None else self.rounds
-        self.hparams.update(beta=self.beta, rounds=self.rounds)  # the record shows these
-
-    # ---- augmentation ------------------------------------------------------
-    def augment_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """The torchvision transform on a uint8 N x C x H x W batch: per image, or one
-        call for the whole batch (operations shared, as in the reference)."""
-        if self.per_image:
-            return torch.stack([self.transform(image) for image in images])
-        return self.transform(images)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """aug(x) for float images in [0, 1], round-tripped through uint8 as torchvision's
-        ConvertImageDtype does (the reference)."""
-        images = convert_image_dtype(x.contiguous(), torch.uint8)
-        return convert_image_dtype(self.augment_uint8(images), x.dtype)
-
-    def distract(self, state: TrainState, flagged: torch.Tensor) -> torch.Tensor:
-        """The batch with the flagged images augmented round by round."""
-        assert self.beta is not None and self.rounds is not None, "setup() not called"
-        x, y = state.x.clone(), state.y
-        idx = flagged.nonzero().squeeze(1)
-        for n in range(1, self.rounds + 1):
-            if idx.numel() == 0:
-                break
-            current = x[idx]
-            aug = self.augment(current)
-            if n == self.rounds:  # the last round takes aug(x) outright
-                x[idx] = aug
-                break
-            leave = natural_loss(state, aug, y[idx], self.update_bn) >= self.tau
-            blend = (1 - self.beta) * current + self.beta * aug
-            x[idx] = torch.where(leave[:, None, None, None], aug, blend)
-            idx = idx[~leave]
-        return x
-
-    def before_attack(self, state: TrainState) -> None:
-        if not self.active(state):
-            return
-        if self.generator is None:
-            raise RuntimeError("dom_da: no random stream; call bind_random_stream first")
-        flagged = self.batch_natural_loss(state) <= self.tau
-        state.log("dom_da.flagged", flagged.float().mean())
-        with seeded_global_rng(self.generator, state.x.device):
-            state.x = self.distract(state, flagged)

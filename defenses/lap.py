@@ -57,7 +57,6 @@ optimizer step and copies of the kernels and the optimizer state.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator
 from numbers import Real
@@ -68,6 +67,7 @@ import torch.nn.functional as F
 
 from bench.config import ConfigError, Suite
 from bench.state import TrainState, kernel_parameters, preserved_bn_stats
+from defenses._optimizer_step import tentative_update
 from defenses.base import Defense, DefenseCard, register_defense
 
 VARIANTS = ("V", "R", "N")
@@ -119,63 +119,6 @@ def published_beta(variant: str, eps: float) -> float:
         f"lap: beta is published only for eps in {[f'{k}/255' for k in PUBLISHED_BETA]}; "
         f"this suite trains at eps {eps:.6g}: set beta (--defense lap:beta=..., or "
         f"[defenses.lap] beta in the suite file)")
-
-
-# ---- the tentative optimizer step ----------------------------------------------
-OptimizerSnapshot = dict[torch.Tensor, dict[str, tuple[Any, Any]]]
-
-
-def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSnapshot:
-    """Every per-parameter state entry with a private copy of its value (tensors
-    cloned: optimizers update momentum buffers and step counts in place)."""
-    return {
-        p: {key: (value, value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value))
-            for key, value in entries.items()}
-        for p, entries in optimizer.state.items()
-    }
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: OptimizerSnapshot) -> None:
-    """Put back the snapshot's values into the original tensors and drop state
-    created since (a first step creates momentum buffers: they must not survive)."""
-    for p in [p for p in optimizer.state if p not in snapshot]:
-        del optimizer.state[p]
-    with torch.no_grad():
-        for p, entries in snapshot.items():
-            restored = {}
-            for key, (original, saved) in entries.items():
-                if torch.is_tensor(original):
-                    restored[key] = original.copy_(saved)
-                else:
-                    restored[key] = saved
-            state = optimizer.state[p]
-            state.clear()
-            state.update(restored)
-
-
-def tentative_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                     grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """The change `optimizer.step()` would make to `params` given `grads` (every
-    other parameter without a gradient, so it is skipped), i.e. w' - w per param.
-    Weights, `.grad` of every parameter and the optimizer state are restored."""
-    all_params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_grads = [p.grad for p in all_params]
-    snapshot = snapshot_optimizer(optimizer)
-    before = [p.detach().clone() for p in params]
-    try:
-        for p in all_params:
-            p.grad = None
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        optimizer.step()
-        return [p.detach() - b for p, b in zip(params, before)]
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-        restore_optimizer(optimizer, snapshot)
-        for p, g in zip(all_params, saved_grads):
-            p.grad = g
 
 
 # ---- parameter checks ---------------------------------------------------------

@@ -22,9 +22,10 @@ from torch import nn
 from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
 from bench.records import load_checkpoint, read_history
-from bench.state import TrainState
+from bench.state import TrainState, seeded_global_rng
 from defenses.base import build_defenses
-from defenses.dom import DomDA, DomRE, seeded_global_rng
+from defenses.dom import DomRE
+from defenses.dom_da import DomDA
 
 CPU = torch.device("cpu")
 
