@@ -78,6 +78,11 @@ _PAPER = ("Lin, Yu, Han & Liu. On the Over-Memorization During Natural, Robust a
           "Catastrophic Overfitting")
 _LINK = "https://arxiv.org/abs/2310.08847"
 _CODE = "https://github.com/tmllab/2024_ICLR_DOM"
+_SHARED_HYPERPARAMETERS = {
+    "warmup": "K = E/2 (0.5 of training: the first lr decay, or the cyclic peak)",
+    "tau (CIFAR-10)": dict(PUBLISHED_TAU),
+    "tau (CIFAR-100)": dict(PUBLISHED_TAU_CIFAR100),
+}
 _BASELINES = {
     "PRN-18 CIFAR-10 PGD-AT baseline (natural / PGD-20 / AA)":
         {"best": [81.70, 52.33, 48.02], "last": [83.59, 45.16, 42.70]},
@@ -156,9 +161,7 @@ class DomRE(_DOM):
         link=_LINK,
         reference_code=_CODE,
         hyperparameters={
-            "warmup": "K = E/2 (0.5 of training: the first lr decay, or the cyclic peak)",
-            "tau (CIFAR-10)": dict(PUBLISHED_TAU),
-            "tau (CIFAR-100)": dict(PUBLISHED_TAU_CIFAR100),
+            **_SHARED_HYPERPARAMETERS,
             "rule": "keep_i = 1[natural loss_i >= tau]; mean over the full batch",
         },
         published={

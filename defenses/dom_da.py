@@ -20,11 +20,11 @@ from defenses.dom import (
     _DOM,
     _LINK,
     _PAPER,
+    _SHARED_HYPERPARAMETERS,
     AUGMENTATIONS,
     METHODS,
     PUBLISHED_DA,
     PUBLISHED_TAU,
-    PUBLISHED_TAU_CIFAR100,
     _flag,
     _number,
     natural_loss,
@@ -45,7 +45,6 @@ def build_transform(aug: str) -> torch.nn.Module:
     return T.AugMix() if aug == "augmix" else T.RandAugment()
 
 
-
 # --------------------------------------------------------------------------- DOM_DA
 
 
@@ -58,9 +57,7 @@ class DomDA(_DOM):
         link=_LINK,
         reference_code=_CODE,
         hyperparameters={
-            "warmup": "K = E/2 (0.5 of training: the first lr decay, or the cyclic peak)",
-            "tau (CIFAR-10)": dict(PUBLISHED_TAU),
-            "tau (CIFAR-100)": dict(PUBLISHED_TAU_CIFAR100),
+            **_SHARED_HYPERPARAMETERS,
             "beta / rounds (CIFAR-10)": {f"{m} {a}": list(v) for (m, a), v in
                                          PUBLISHED_DA.items()},
             "beta / rounds (CIFAR-100, where they differ)":
