@@ -345,6 +345,8 @@ class Trainer:
                    "seconds": train_seconds, "curve_seconds": curve_seconds,
                    "forward_passes": state.counter.forward,
                    "backward_passes": state.counter.backward}
+            if self.device.type == "cpu":  # CPU results are bit-exact only at a fixed count
+                row["cpu_threads"] = torch.get_num_threads()
             history.append(row)
             payload = self._payload(state, history, best, seconds)
             if val.robust > best["val_robust"]:

@@ -218,6 +218,8 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
         "cost": {"train_seconds": float(last["seconds"]),
                  "seconds_per_epoch": [row["seconds"] for row in history],
                  "curve_seconds": sum(row.get("curve_seconds", 0.0) for row in history),
+                 "train_cpu_threads": sorted({row["cpu_threads"] for row in history
+                                              if "cpu_threads" in row}),
                  "eval_seconds": eval_seconds,
                  "forward_passes": last["passes"]["forward"],
                  "backward_passes": last["passes"]["backward"],

@@ -217,3 +217,13 @@ def test_suite_overrides_sit_between_defaults_and_run_parameters(smoke_suite):
     expected = r"suite 'smoke' \[defenses.awp\]: defense 'awp' has no parameter\(s\) \['gama'\]"
     with pytest.raises(ConfigError, match=expected):
         build_defenses((DefenseSpec("awp"),), "at", bad)
+
+
+def test_history_and_record_state_the_cpu_thread_count(tmp_path, smoke_suite, smoke_splits):
+    from bench.evaluate import evaluate_run
+
+    torch.set_num_threads(1)
+    trainer = train(tmp_path, smoke_suite, smoke_splits)
+    assert [r["cpu_threads"] for r in read_history(trainer.run_dir / "history.jsonl")] == [1, 1]
+    record = evaluate_run(trainer.run_dir, smoke_suite, smoke_splits, progress=False)
+    assert record["cost"]["train_cpu_threads"] == [1]
