@@ -11,7 +11,8 @@ from leaderboard.tables import config_key, row_labels
 
 
 def _mean_curves(records: list[dict]) -> pd.DataFrame | None:
-    """Per-epoch mean over seeds of train_robust and val_robust; None when no run has curves."""
+    """Per-epoch mean over seeds of train_robust and val_robust (and val_fgsm, the
+    single-step suites' FGSM curve, where every run has it); None when no run has curves."""
     frames = []
     for rec in records:
         curves = (rec.get("history") or {}).get("curves") or {}
@@ -19,11 +20,16 @@ def _mean_curves(records: list[dict]) -> pd.DataFrame | None:
         cols = {k: curves.get(k) or [] for k in ("train_robust", "val_robust")}
         if not epochs or not all(len(v) == len(epochs) for v in cols.values()):
             continue
+        if len(curves.get("val_fgsm") or []) == len(epochs):
+            cols["val_fgsm"] = curves["val_fgsm"]
         frame = pd.DataFrame({"epoch": epochs, **cols})
         frames.append(frame.apply(pd.to_numeric, errors="coerce"))
     if not frames:
         return None
-    return pd.concat(frames).groupby("epoch").mean().sort_index()
+    merged = pd.concat(frames)
+    if "val_fgsm" in merged and merged["val_fgsm"].isna().any():
+        merged = merged.drop(columns="val_fgsm")  # only some runs have it: draw none
+    return merged.groupby("epoch").mean().sort_index()
 
 
 def plot_groups(groups: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
@@ -50,6 +56,9 @@ def plot_groups(groups: dict[str, list[dict]], out_dir: str | Path) -> list[Path
             (line,) = ax.plot(curves.index, 100 * curves["val_robust"], label=f"{label} (val)")
             ax.plot(curves.index, 100 * curves["train_robust"], linestyle="--",
                     color=line.get_color(), label=f"{label} (train)")
+            if "val_fgsm" in curves:
+                ax.plot(curves.index, 100 * curves["val_fgsm"], linestyle=":",
+                        color=line.get_color(), label=f"{label} (val FGSM)")
             drawn += 1
         if drawn:
             ax.set(xlabel="epoch", ylabel="robust accuracy (%)",

@@ -271,3 +271,18 @@ def test_malformed_co_field_is_skipped(tmp_path: Path) -> None:
     write(res, bad)
     with pytest.warns(LeaderboardWarning, match="catastrophic_overfitting"):
         assert len(load_records(res)) == 1
+
+
+def test_curves_include_the_fgsm_curve_only_where_every_run_has_it():
+    from leaderboard.plots import _mean_curves
+
+    def rec(fgsm):
+        curves = {"epoch": [1, 2], "train_robust": [0.2, 0.4], "val_robust": [0.2, 0.1]}
+        if fgsm is not None:
+            curves["val_fgsm"] = fgsm
+        return {"history": {"curves": curves}}
+
+    both = _mean_curves([rec([0.3, 0.5]), rec([0.5, 0.7])])
+    assert list(both["val_fgsm"]) == [0.4, 0.6]
+    assert "val_fgsm" not in _mean_curves([rec([0.3, 0.5]), rec(None)])
+    assert "val_fgsm" not in _mean_curves([rec(None)])
