@@ -9,11 +9,16 @@ The detector reads the `history.jsonl` rows the engine writes: `val_robust` (PGD
 suite's curve attack) and, when the suite sets `[curves] fgsm = true`, `val_fgsm`
 (FGSM from a zero start with step eps, the convention of the CO literature). With
 P_e, F_e the validation PGD and FGSM accuracies of epoch e and P*_e, F*_e their
-running maxima over epochs 1..e, CO is flagged at the first epoch e where
+running maxima over epochs 1..e, CO is flagged at the first epoch e where, at e and at
+each of the next PERSIST_EPOCHS - 1 epochs,
 
 1. PGD collapsed: P_e < PGD_FLOOR, or P_e < P*_e - PGD_DROP; and
 2. FGSM stayed high: F_e >= F*_e - FGSM_MAX_FALL (FGSM did not collapse with PGD)
    and F_e >= P_e + FGSM_MIN_GAP (single-step accuracy clearly above multi-step).
+
+CO persists; a one-epoch dip that recovers at once (seen with N-FGSM at a large radius
+under a high learning rate) is training noise, hence the persistence condition. A
+collapse in the final epoch alone cannot be confirmed and is not flagged.
 
 Condition 2 separates CO from a model that simply diverged (both accuracies fall) or
 never became robust (both low, as in standard training).
@@ -36,6 +41,7 @@ PGD_DROP = 0.20  # ... as does falling more than this below its running maximum
 PGD_FLOOR_REACHED = 0.10  # PGD-only mode: the floor counts once PGD had reached this
 FGSM_MAX_FALL = 0.10  # FGSM "stays high": at most this below its own running maximum
 FGSM_MIN_GAP = 0.20  # ... and at least this above the PGD accuracy of the same epoch
+PERSIST_EPOCHS = 2  # the conditions must hold for this many consecutive epochs
 
 PGD_KEY = "val_robust"
 FGSM_KEY = "val_fgsm"
@@ -87,8 +93,20 @@ def detect_catastrophic_overfitting(history: Sequence[dict]) -> COEvent | None:
     Rows without a numeric `val_robust` are skipped. The FGSM condition is applied when
     every row has `val_fgsm`; otherwise the PGD-only check runs and `rule` says so.
     """
+    events = _epoch_checks(history)
+    for start in range(len(events) - PERSIST_EPOCHS + 1):
+        window = events[start:start + PERSIST_EPOCHS]
+        if all(event is not None for event in window):
+            return window[0]
+    return None
+
+
+def _epoch_checks(history: Sequence[dict]) -> list[COEvent | None]:
+    """Per row with a numeric PGD accuracy: the event if both conditions hold there."""
     with_fgsm = has_fgsm_curve(history)
     pgd_max = fgsm_max = float("-inf")
+    checks: list[COEvent | None] = []
+    held = f" (held {PERSIST_EPOCHS} consecutive epochs)"
     for position, row in enumerate(history, start=1):
         pgd = _number(row, PGD_KEY)
         if pgd is None:
@@ -98,17 +116,17 @@ def detect_catastrophic_overfitting(history: Sequence[dict]) -> COEvent | None:
         if fgsm is not None:
             fgsm_max = max(fgsm_max, fgsm)
         collapse = _pgd_collapse(pgd, pgd_max, pgd_only=fgsm is None)
-        if collapse is None:
-            continue
         epoch = int(row.get("epoch", position))
-        if fgsm is None:
-            rule = f"PGD only (no FGSM curve): {collapse}"
-            return COEvent(epoch, pgd, None, pgd_max, rule)
-        if _fgsm_high(fgsm, fgsm_max, pgd):
+        event = None
+        if collapse is not None and fgsm is None:
+            event = COEvent(epoch, pgd, None, pgd_max,
+                            f"PGD only (no FGSM curve): {collapse}{held}")
+        elif collapse is not None and _fgsm_high(fgsm, fgsm_max, pgd):
             rule = (f"{collapse}, while val FGSM {fgsm:.3f} stayed within {FGSM_MAX_FALL} of "
-                    f"its maximum {fgsm_max:.3f} and at least {FGSM_MIN_GAP} above PGD")
-            return COEvent(epoch, pgd, fgsm, pgd_max, rule)
-    return None
+                    f"its maximum {fgsm_max:.3f} and at least {FGSM_MIN_GAP} above PGD{held}")
+            event = COEvent(epoch, pgd, fgsm, pgd_max, rule)
+        checks.append(event)
+    return checks
 
 
 def catastrophic_overfitting_field(history: Sequence[dict]) -> dict | None:

@@ -12,6 +12,7 @@ from invariants import history_without_timing, train
 from bench.overfitting import (
     FGSM_MAX_FALL,
     FGSM_MIN_GAP,
+    PERSIST_EPOCHS,
     PGD_DROP,
     PGD_FLOOR,
     PGD_FLOOR_REACHED,
@@ -33,8 +34,8 @@ def history(pgd: list[float], fgsm: list[float] | None = None) -> list[dict]:
 
 
 def test_thresholds_are_the_documented_ones():
-    assert (PGD_FLOOR, PGD_DROP, FGSM_MAX_FALL, FGSM_MIN_GAP, PGD_FLOOR_REACHED) == (
-        0.05, 0.20, 0.10, 0.20, 0.10)
+    assert (PGD_FLOOR, PGD_DROP, FGSM_MAX_FALL, FGSM_MIN_GAP, PGD_FLOOR_REACHED,
+            PERSIST_EPOCHS) == (0.05, 0.20, 0.10, 0.20, 0.10, 2)
 
 
 def test_pgd_below_floor_with_fgsm_high_is_co():
@@ -46,11 +47,24 @@ def test_pgd_below_floor_with_fgsm_high_is_co():
 
 
 def test_twenty_point_drop_with_fgsm_high_is_co():
-    pgd = [0.30, 0.45, 0.44, 0.24]  # 21 points below the running maximum, above the floor
-    event = detect_catastrophic_overfitting(history(pgd, [0.40, 0.55, 0.56, 0.58]))
+    pgd = [0.30, 0.45, 0.44, 0.24, 0.23]  # 21+ points below the maximum, above the floor
+    event = detect_catastrophic_overfitting(history(pgd, [0.40, 0.55, 0.56, 0.58, 0.59]))
     assert event is not None and event.epoch == 4
     assert event.val_pgd == 0.24 and event.val_fgsm == 0.58
     assert "fell more than 0.2 below its maximum 0.450" in event.rule
+
+
+def test_a_one_epoch_dip_that_recovers_is_not_co():
+    # both conditions hold at epoch 3 only (PGD 0.11 vs maximum 0.35, FGSM high); the
+    # next epoch recovers: noise, not CO (seen with N-FGSM at eps 0.25 on Fashion-MNIST)
+    dip = history([0.30, 0.35, 0.11, 0.33], [0.30, 0.35, 0.33, 0.36])
+    assert detect_catastrophic_overfitting(dip) is None
+    # the same collapse, held one more epoch, is flagged at its first epoch
+    held = history([0.30, 0.35, 0.11, 0.10], [0.30, 0.35, 0.33, 0.36])
+    assert detect_catastrophic_overfitting(held).epoch == 3
+    # a collapse in the final epoch alone cannot be confirmed
+    assert detect_catastrophic_overfitting(history([0.30, 0.35, 0.11],
+                                                   [0.30, 0.35, 0.33])) is None
 
 
 def test_a_smaller_drop_is_not_co():
@@ -71,20 +85,20 @@ def test_fgsm_must_clearly_exceed_pgd():
 
 def test_fgsm_dip_then_recovery_flags_the_recovery_epoch():
     event = detect_catastrophic_overfitting(
-        history([0.30, 0.40, 0.01, 0.01], [0.40, 0.50, 0.35, 0.60]))
+        history([0.30, 0.40, 0.01, 0.01, 0.01], [0.40, 0.50, 0.35, 0.60, 0.62]))
     assert event is not None and event.epoch == 4
 
 
 def test_without_fgsm_curve_only_the_pgd_part_runs_and_says_so():
-    event = detect_catastrophic_overfitting(history([0.30, 0.40, 0.15]))
+    event = detect_catastrophic_overfitting(history([0.30, 0.40, 0.15, 0.14]))
     assert event is not None and event.epoch == 3 and event.val_fgsm is None
     assert event.rule.startswith("PGD only (no FGSM curve)")
-    floor = detect_catastrophic_overfitting(history([0.08, 0.12, 0.03]))
+    floor = detect_catastrophic_overfitting(history([0.08, 0.12, 0.03, 0.02]))
     assert floor is not None and floor.epoch == 3 and "after reaching 0.120" in floor.rule
     # never reached 10% (standard training, a weak model): falling below 5% is not CO
-    assert detect_catastrophic_overfitting(history([0.06, 0.09, 0.01])) is None
+    assert detect_catastrophic_overfitting(history([0.06, 0.09, 0.01, 0.01])) is None
     # a history with FGSM on some rows only is treated as having no FGSM curve
-    mixed = history([0.30, 0.40, 0.15], [0.5, 0.5, 0.1])
+    mixed = history([0.30, 0.40, 0.15, 0.14], [0.5, 0.5, 0.1, 0.1])
     del mixed[0]["val_fgsm"]
     assert detect_catastrophic_overfitting(mixed).val_fgsm is None
 
@@ -95,7 +109,7 @@ def test_empty_and_stable_histories():
 
 
 def test_record_field_shape():
-    field = catastrophic_overfitting_field(history([0.30, 0.01], [0.40, 0.70]))
+    field = catastrophic_overfitting_field(history([0.30, 0.01, 0.01], [0.40, 0.70, 0.72]))
     assert field is not None
     assert set(field) == {"epoch", "val_pgd", "val_fgsm", "val_pgd_max", "rule"}
     assert field["epoch"] == 2 and field["val_pgd"] == 0.01 and field["val_fgsm"] == 0.70
@@ -162,12 +176,13 @@ def test_record_carries_catastrophic_overfitting(tmp_path, smoke_suite, smoke_sp
     assert len(record["history"]["curves"]["val_fgsm"]) == 1
     rows = read_history(run / "history.jsonl")
     co = [dict(rows[0], epoch=1, val_robust=0.30, val_fgsm=0.40),
-          dict(rows[0], epoch=2, val_robust=0.01, val_fgsm=0.75)]
+          dict(rows[0], epoch=2, val_robust=0.01, val_fgsm=0.75),
+          dict(rows[0], epoch=3, val_robust=0.00, val_fgsm=0.78)]
     write_history(run / "history.jsonl", co)  # a hand-made collapse, then re-evaluate
     record = evaluate_run(run, suite, smoke_splits, device=cpu, progress=False)
     assert record["catastrophic_overfitting"]["epoch"] == 2
     assert record["catastrophic_overfitting"]["val_fgsm"] == 0.75
-    assert record["history"]["curves"]["val_fgsm"] == [0.40, 0.75]
+    assert record["history"]["curves"]["val_fgsm"] == [0.40, 0.75, 0.78]
 
 
 def test_record_curves_gain_val_fgsm_only_when_recorded():
