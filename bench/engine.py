@@ -276,17 +276,22 @@ class Trainer:
             "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
         }
 
+    def check_suite_hash(self, ckpt: dict, remedy: str) -> None:
+        """Refuse a checkpoint made under another version of the suite's protocol or of
+        its settings for this run's defenses."""
+        found = str(ckpt.get("suite_hash"))
+        if found != self.suite_hash:
+            raise RunMismatchError(
+                f"{self.run_dir} was trained under another version of suite "
+                f"{self.suite.name!r} or of its settings for {self.spec.row_name} (hash "
+                f"{found[:12]} vs {self.suite_hash[:12]}); {remedy}")
+
     def _restore(self, state: TrainState, ckpt: dict) -> tuple[list[dict], dict, float]:
         if ckpt.get("spec") != self.spec.to_dict():
             raise RunMismatchError(
                 f"{self.run_dir / 'last.pt'} belongs to another run ({ckpt.get('spec')}); "
                 f"remove the folder or pick another results directory")
-        if ckpt.get("suite_hash") != self.suite_hash:
-            raise RunMismatchError(
-                f"{self.run_dir} was started under a different version of suite "
-                f"{self.suite.name!r} or of its settings for this run's defenses (hash "
-                f"{str(ckpt.get('suite_hash'))[:12]} vs {self.suite_hash[:12]}); delete the "
-                "run folder to start over")
+        self.check_suite_hash(ckpt, "delete the run folder to start over")
         self.model.load_state_dict(ckpt["model"])
         for defense, sd in zip(self.defenses, ckpt["defenses"], strict=True):
             defense.load_state_dict(sd)

@@ -22,7 +22,7 @@ from attacks.autoattack import run_autoattack
 from attacks.pgd import clean_accuracy, pgd, robust_accuracy
 from bench.config import RunSpec, Suite
 from bench.data import Splits
-from bench.engine import RunMismatchError, Trainer, collect_eval_models, derive_seed, pick_device
+from bench.engine import Trainer, collect_eval_models, derive_seed, pick_device
 from bench.overfitting import FGSM_KEY, catastrophic_overfitting_field
 from bench.records import (
     RecordError,
@@ -147,12 +147,8 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
             f"{run_dir} stopped after epoch {last['epoch']} of {suite.train.epochs}; "
             f"resume it with `robench run` before evaluating")
     trainer = Trainer(spec, suite, splits, run_dir, device=device, progress=False)
-    if last.get("suite_hash") != trainer.suite_hash:
-        raise RunMismatchError(
-            f"{run_dir} was trained under another version of suite {suite.name!r} or of its "
-            f"settings for {spec.row_name} (hash {str(last.get('suite_hash'))[:12]} vs "
-            f"{trainer.suite_hash[:12]}); evaluate it with the suite file it was trained "
-            "under, or delete the run folder and train it again")
+    trainer.check_suite_hash(last, "evaluate it with the suite file it was trained under, "
+                                   "or delete the run folder and train it again")
     state = trainer.build()
     for defense in trainer.defenses:
         defense.setup(state)

@@ -153,3 +153,17 @@ def test_evaluating_under_another_suite_version_is_refused(tmp_path):
     with pytest.raises(RunMismatchError, match="trained under another version"):
         evaluate_run(trainer.run_dir, changed, splits, progress=False)
     assert not (trainer.run_dir / "record.json").exists()
+
+
+def test_resuming_under_another_suite_version_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from bench.runner import splits_for
+    from invariants import train
+
+    smoke = load_suite("smoke")
+    splits = splits_for(smoke, None)
+    train(tmp_path, smoke, splits, stop=1)
+    longer = replace(smoke, train=replace(smoke.train, epochs=3))
+    with pytest.raises(RunMismatchError, match="delete the run folder to start over"):
+        train(tmp_path, longer, splits)

@@ -51,6 +51,22 @@ def _trainer(model_cfg: ModelConfig, batch: int, n: int, tmp_path) -> tuple[Trai
     return trainer, trainer.build()
 
 
+def engine_stepper(trainer: Trainer, state):
+    """A callable that runs one engine training step on the next batch (cycling)."""
+    batches = iter(trainer.loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            x, y, index = next(batches)
+        except StopIteration:
+            batches = iter(trainer.loader)
+            x, y, index = next(batches)
+        trainer.train_step(state, x, y, index)
+
+    return step
+
+
 class _ReferenceDataset(Dataset):
     """Per-image crop + flip on the CPU, as a torchvision transform pipeline does."""
 
@@ -111,16 +127,7 @@ def test_engine_step_vs_reference(benchmark, case, tmp_path):
     torch.set_num_threads(int(os.environ.get("ROBENCH_BENCH_THREADS", "2")))
     model_cfg, batch, n = CASES[case]
     trainer, state = _trainer(model_cfg, batch, n, tmp_path)
-    engine_batches = iter(trainer.loader)
-
-    def engine_step():
-        nonlocal engine_batches
-        try:
-            x, y, index = next(engine_batches)
-        except StopIteration:
-            engine_batches = iter(trainer.loader)
-            x, y, index = next(engine_batches)
-        trainer.train_step(state, x, y, index)
+    engine_step = engine_stepper(trainer, state)
 
     ref_model, _ = _trainer(model_cfg, batch, n, tmp_path / "ref")
     ref_model = ref_model.model

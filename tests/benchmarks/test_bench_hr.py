@@ -16,10 +16,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from test_bench_engine import CASES as ENGINE_CASES
-from test_bench_engine import _trainer
+from test_bench_engine import _trainer, engine_stepper
 
-from bench.engine import Trainer
-from bench.state import TrainState
 from defenses.hr import worst_case_weights
 
 TARGET = 0.05
@@ -37,21 +35,6 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _engine_step(trainer: Trainer, state: TrainState) -> Callable[[], None]:
-    batches = iter(trainer.loader)
-
-    def step() -> None:
-        nonlocal batches
-        try:
-            x, y, index = next(batches)
-        except StopIteration:
-            batches = iter(trainer.loader)
-            x, y, index = next(batches)
-        trainer.train_step(state, x, y, index)
-
-    return step
-
-
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_solver_vs_pgd10_step(benchmark, case, setting, tmp_path):
@@ -64,7 +47,7 @@ def test_solver_vs_pgd10_step(benchmark, case, setting, tmp_path):
     def solve() -> None:
         worst_case_weights(losses, alpha, r)
 
-    t_step = _time(_engine_step(trainer, state), repeats=3)
+    t_step = _time(engine_stepper(trainer, state), repeats=3)
     t_solver = min(_time(solve, repeats=50) for _ in range(3))
     ratio = t_solver / t_step
     print(f"\n{case} {setting}: solver {t_solver * 1000:.2f} ms per batch of {batch}, "
