@@ -158,8 +158,9 @@ def test_evaluating_under_another_suite_version_is_refused(tmp_path):
 def test_resuming_under_another_suite_version_is_refused(tmp_path):
     from dataclasses import replace
 
-    from bench.runner import splits_for
     from invariants import train
+
+    from bench.runner import splits_for
 
     smoke = load_suite("smoke")
     splits = splits_for(smoke, None)
