@@ -1,6 +1,7 @@
 """Speed of one PGD-10 AT training step: the engine against a reference-style
 loop written for this benchmark (the attack calls `loss.backward()` and so also
-computes weight gradients, fp32, a CPU DataLoader with per-image transforms),
+computes weight gradients, fp32, PyTorch's default NCHW layout, a CPU DataLoader
+with per-image transforms),
 same model, data and batch, measured in the same run.
 
 Run: `python -m pytest tests/benchmarks/test_bench_engine.py -s` (threads:
@@ -40,14 +41,15 @@ def _split(n: int, seed: int = 0) -> ArraySplit:
     return ArraySplit(x=x, y=y, index=torch.arange(n))
 
 
-def _trainer(model_cfg: ModelConfig, batch: int, n: int, tmp_path) -> tuple[Trainer, object]:
+def _trainer(model_cfg: ModelConfig, batch: int, n: int, tmp_path,
+             channels_last: bool | None = None) -> tuple[Trainer, object]:
     suite = load_suite("cifar10-linf")
     suite = replace(suite, model=model_cfg, train=replace(suite.train, batch_size=batch))
     split = _split(n)
     info = DatasetInfo("random-cifar", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
     splits = Splits(info, split, split, split, split, split)
     trainer = Trainer(RunSpec(suite.name, "at", (), 0), suite, splits, tmp_path,
-                      device=torch.device("cpu"), progress=False)
+                      device=torch.device("cpu"), progress=False, channels_last=channels_last)
     return trainer, trainer.build()
 
 
@@ -129,8 +131,12 @@ def test_engine_step_vs_reference(benchmark, case, tmp_path):
     trainer, state = _trainer(model_cfg, batch, n, tmp_path)
     engine_step = engine_stepper(trainer, state)
 
-    ref_model, _ = _trainer(model_cfg, batch, n, tmp_path / "ref")
-    ref_model = ref_model.model
+    # The reference model keeps PyTorch's default NCHW layout, as the papers' scripts
+    # do (a channels_last model would also switch the reference's convolutions).
+    ref_trainer, _ = _trainer(model_cfg, batch, n, tmp_path / "ref", channels_last=False)
+    ref_model = ref_trainer.model
+    ref_kernel = next(p for p in ref_model.parameters() if p.dim() == 4)
+    assert ref_kernel.is_contiguous() and ref_kernel.shape[1] > 1  # plain NCHW
     ref_model.train()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(_ReferenceDataset(_split(n)), batch_size=batch, shuffle=True,
@@ -146,7 +152,7 @@ def test_engine_step_vs_reference(benchmark, case, tmp_path):
             x, y = next(ref_batches)
         reference_step(ref_model, ref_opt, x, y)
 
-    repeats = 3 if case == "preact_resnet18" else 5
+    repeats = 3 if case == "preact_resnet18" else 8
     t_ref, t_engine = _time_pair(ref_step, engine_step, repeats)
     speedup = t_ref / t_engine
     print(f"\n{case}: reference {t_ref * 1000:.0f} ms/step, engine {t_engine * 1000:.0f} ms/step, "
