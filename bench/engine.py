@@ -10,6 +10,7 @@ for epoch:
     on_epoch_start(state)
     for batch (x, y, index):           device-resident data, augmented on the device
         before_attack(state)           may replace state.x / state.y
+        clean logits                   only if a defense asks (capability), of that batch
         state.x_adv = method.attack    the suite's attack; the method decides its objective
         after_attack(state)            sees x_adv; may compute weight perturbations
         with around_update(state):     context managers, nested in order, closed in reverse
@@ -222,6 +223,7 @@ class Trainer:
         self.train_x = self.splits.train.x.to(self.device)
         self.train_y = self.splits.train.y.to(self.device)
         self.train_index = self.splits.train.index.to(self.device)
+        self._train_order: torch.return_types.sort | None = None  # for train_x_for
         # the fixed curve subsets, converted once: (x in [0, 1], y) on the device
         self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), False),
                           self.splits.val_curve.y.to(self.device))
@@ -405,12 +407,12 @@ class Trainer:
         state.x, state.y, state.index = x, y, index
         if "raw_batch" in self.capabilities:
             state.raw_x = to_float(self.train_x_for(index), self.channels_last)
-        if "clean_logits" in self.capabilities:
-            with torch.no_grad(), preserved_bn_stats(model), state.autocast():
-                state.clean_logits = model(x).float()
-            state.counter.add(fwd=1)
         for defense in self.defenses:
             defense.before_attack(state)
+        if "clean_logits" in self.capabilities:  # of the batch as the defenses left it
+            with torch.no_grad(), preserved_bn_stats(model), state.autocast():
+                state.clean_logits = model(state.x).float()
+            state.counter.add(fwd=1)
         state.x_adv = self.method.attack(state)
         for defense in self.defenses:
             defense.after_attack(state)
@@ -431,7 +433,9 @@ class Trainer:
 
     def train_x_for(self, index: torch.Tensor) -> torch.Tensor:
         """Unaugmented training images of the batch (raw_batch capability)."""
-        order = torch.sort(self.train_index)
+        if self._train_order is None:
+            self._train_order = torch.sort(self.train_index)
+        order = self._train_order
         positions = torch.searchsorted(order.values, index)
         return self.train_x[order.indices[positions]]
 

@@ -227,3 +227,31 @@ def test_history_and_record_state_the_cpu_thread_count(tmp_path, smoke_suite, sm
     assert [r["cpu_threads"] for r in read_history(trainer.run_dir / "history.jsonl")] == [1, 1]
     record = evaluate_run(trainer.run_dir, smoke_suite, smoke_splits, progress=False)
     assert record["cost"]["train_cpu_threads"] == [1]
+
+
+class ReplacesBatchWantsCleanLogits(Defense):
+    """Replaces the batch in before_attack (as an augmentation defense does) and asks
+    for clean logits."""
+
+    name = "clean_logits_probe"
+    card = PROBE_CARD
+    capabilities = ("clean_logits",)
+
+    def before_attack(self, state):
+        state.x = 1.0 - state.x
+
+
+def test_clean_logits_are_of_the_batch_the_defenses_left(tmp_path, smoke_suite, smoke_splits):
+    trainer = Trainer(RunSpec("smoke", "at", (), 0), smoke_suite, smoke_splits, tmp_path,
+                      progress=False)
+    state = trainer.build()
+    trainer.defenses = [ReplacesBatchWantsCleanLogits()]
+    trainer.capabilities = {"clean_logits"}
+    x, y, index = next(iter(trainer.loader))
+    inputs_seen = []
+    handle = trainer.model.register_forward_hook(
+        lambda module, inputs, output: inputs_seen.append(inputs[0].detach().clone()))
+    trainer.train_step(state, x, y, index)
+    handle.remove()
+    assert torch.equal(inputs_seen[0], 1.0 - x)  # the clean pass saw the replaced batch
+    assert state.clean_logits is not None and state.clean_logits.shape[0] == len(y)

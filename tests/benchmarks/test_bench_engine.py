@@ -106,6 +106,17 @@ def reference_step(model, optimizer, x, y) -> torch.Tensor:
     return loss
 
 
+def best_time(fn, repeats: int) -> float:
+    """Best-of-`repeats` seconds of `fn` after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _time_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` seconds of each, measured alternately (a, b, a, b, ...), so
     that a load change on the machine hits both sides alike."""

@@ -10,29 +10,17 @@ Target: solver < 5% of the training step. The measured ratio is printed and stor
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
 from test_bench_engine import CASES as ENGINE_CASES
-from test_bench_engine import _trainer, engine_stepper
+from test_bench_engine import _trainer, best_time, engine_stepper
 
 from defenses.hr import worst_case_weights
 
 TARGET = 0.05
 SETTINGS = {"alpha=0.05,r=0.1": (0.05, 0.1), "alpha=0,r=0.2": (0.0, 0.2)}
 CASES = {"small_cnn": ENGINE_CASES["small_cnn"]}  # (model config, batch size, images)
-
-
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -47,8 +35,8 @@ def test_solver_vs_pgd10_step(benchmark, case, setting, tmp_path):
     def solve() -> None:
         worst_case_weights(losses, alpha, r)
 
-    t_step = _time(engine_stepper(trainer, state), repeats=3)
-    t_solver = min(_time(solve, repeats=50) for _ in range(3))
+    t_step = best_time(engine_stepper(trainer, state), repeats=3)
+    t_solver = min(best_time(solve, repeats=50) for _ in range(3))
     ratio = t_solver / t_step
     print(f"\n{case} {setting}: solver {t_solver * 1000:.2f} ms per batch of {batch}, "
           f"PGD-10 AT step {t_step * 1000:.0f} ms, ratio {100 * ratio:.2f}%")
