@@ -93,10 +93,21 @@ class CurveConfig:
     fgsm: bool = False
 
 
+@dataclass(frozen=True)
+class CleanModelConfig:
+    """The clean model that defenses with the `clean_model` capability start from (a
+    warm start): the suite's `standard` method, trained once per seed and cached."""
+
+    epochs: int = 0  # its training budget; 0 = the suite's [train] epochs
+
+
 # Fields added after suites had been published, as (section, key): left out of the protocol
 # hash while they hold their dataclass default, so adding them changed no existing suite's
-# hash (and so invalidated no run folder and split no leaderboard).
-HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),)
+# hash (and so invalidated no run folder and split no leaderboard). A section listed in
+# HASH_OPTIONAL_SECTIONS is left out as a whole once all its fields are left out.
+HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
+                                                     ("clean_model", "epochs"))
+HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,12 @@ class Suite:
     # the base methods this suite compares: their plain rows are the baselines, and each
     # defense runs with every one of them it composes with
     methods: tuple[str, ...] = ("at",)
+    clean_model: CleanModelConfig = field(default_factory=CleanModelConfig)
+
+    @property
+    def clean_model_epochs(self) -> int:
+        """Epochs of the cached clean model ([clean_model] epochs, else [train] epochs)."""
+        return self.clean_model.epochs or self.train.epochs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,8 +149,9 @@ class Suite:
     @property
     def protocol_hash(self) -> str:
         """sha256 of what every row shares: name, seeds, methods, data, model, training,
-        curves and evaluation. Comments, the description and the [defenses.*] tables are
-        left out, so editing them never splits a leaderboard or invalidates a run."""
+        curves, evaluation and the clean model's budget. Comments, the description and the
+        [defenses.*] tables are left out, so editing them never splits a leaderboard or
+        invalidates a run; so are optional fields at their default (HASH_OPTIONAL_FIELDS)."""
         protocol = {k: v for k, v in self.to_dict().items()
                     if k not in ("description", "defense_overrides", "source_hash")}
         _drop_optional_defaults(protocol)
@@ -153,16 +171,20 @@ class Suite:
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                    "curves": CurveConfig, "eval": EvalConfig}
+                    "curves": CurveConfig, "eval": EvalConfig, "clean_model": CleanModelConfig}
 
 
 def _drop_optional_defaults(protocol: dict) -> None:
-    """Remove each `HASH_OPTIONAL_FIELDS` entry that holds its default (in place)."""
+    """Remove each `HASH_OPTIONAL_FIELDS` entry that holds its default, then each
+    `HASH_OPTIONAL_SECTIONS` section left empty (in place)."""
     for section, key in HASH_OPTIONAL_FIELDS:
         default = _SECTION_CLASSES[section].__dataclass_fields__[key].default
         values = protocol.get(section, {})
         if key in values and values[key] == default:
             del values[key]
+    for section in HASH_OPTIONAL_SECTIONS:
+        if protocol.get(section) == {}:
+            del protocol[section]
 
 
 def _section(raw: dict, name: str, where: str) -> dict:
@@ -226,6 +248,12 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
     if not isinstance(curves.fgsm, bool):
         raise ConfigError(f"{where} [curves]: fgsm must be true or false")
     evaluation = _build(EvalConfig, _section(raw, "eval", where), f"{where} [eval]")
+    clean_model = _build(CleanModelConfig, _section(raw, "clean_model", where),
+                         f"{where} [clean_model]")
+    if (isinstance(clean_model.epochs, bool) or not isinstance(clean_model.epochs, int)
+            or clean_model.epochs < 0):
+        raise ConfigError(f"{where} [clean_model]: epochs must be an integer >= 0 "
+                          f"(0 = the [train] epochs), got {clean_model.epochs!r}")
     if evaluation.autoattack not in ("standard", "apgd", "reduced", "none"):
         raise ConfigError(f"{where} [eval]: autoattack must be standard, apgd, reduced or none")
     seeds = raw.get("seeds", [0])
@@ -249,6 +277,7 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
         defense_overrides=overrides,
         source_hash=hashlib.sha256(text.encode()).hexdigest(),
         methods=tuple(methods),
+        clean_model=clean_model,
     )
 
 

@@ -5,7 +5,10 @@ The loop, as the pseudocode that documents the defense hooks (`defenses/base.py`
 ```
 check_run(method, suite)              when the run is planned, before any data: refuse
                                       settings that cannot run (ConfigError)
-setup(state)                          build proxies, EMA, policy nets
+state.clean_model                     clean_model capability, fresh runs only: the suite's
+                                      `standard` model for this seed, trained once and
+                                      cached (bench/clean_model.py); None on resume
+setup(state)                          build proxies, EMA, policy nets (may warm-start)
 for epoch:
     on_epoch_start(state)
     for batch (x, y, index):           device-resident data, augmented on the device
@@ -18,8 +21,11 @@ for epoch:
             add_losses(state)          extra named scalar terms, added to the loss
             sample_weights(state)      per-sample weights, multiplied together;
                                        loss = mean_i(w_i * l_i) + sum(terms)
+            gradient_terms(state)      term_grads capability: named scalars (sharing the
+                                       loss's graph); the engine puts their parameter
+                                       gradients in state.term_grads (one backward each)
             backward
-            after_backward(state)      edit gradients
+            after_backward(state)      edit gradients (may read state.term_grads)
             optimizer step
         after_step(state)              EMA updates, policy updates
     on_epoch_end(state)
@@ -44,6 +50,7 @@ import torch
 from torch import nn
 
 from attacks.pgd import pgd
+from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model, preserved_global_rng
 from bench.config import RunSpec, Suite
 from bench.data import DeviceLoader, Splits, augment_batch
 from bench.methods import build_method
@@ -186,12 +193,18 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
                  device: torch.device | None = None, progress: bool = True,
-                 mixed_precision: bool | None = None, channels_last: bool | None = None) -> None:
+                 mixed_precision: bool | None = None, channels_last: bool | None = None,
+                 clean_models_dir: Path | None = None) -> None:
         """`mixed_precision` (bf16 autocast) defaults to on for CUDA and off for
         CPU (tests turn it on to exercise the GPU code path); `channels_last`
-        defaults to on everywhere (faster convolutions on CUDA and with oneDNN on CPU)."""
+        defaults to on everywhere (faster convolutions on CUDA and with oneDNN on CPU).
+        `clean_models_dir` is the clean-model cache, by default `_clean_models` in the
+        run folder's parent (results/<suite>/_clean_models)."""
         self.spec, self.suite, self.splits = spec, suite, splits
         self.run_dir = Path(run_dir)
+        self.clean_models_dir = Path(clean_models_dir or self.run_dir.parent / CLEAN_MODELS_DIR)
+        self.label = f"train {spec.row_name} seed {spec.seed}"  # the progress bar's
+        self.pretraining: list[dict] = []  # extra pretraining this run used (record)
         self.device = device or pick_device()
         self.progress = progress
         cuda = self.device.type == "cuda"
@@ -237,10 +250,45 @@ class Trainer:
         state.attack_fn = lambda x, y, **kw: self._attack_on(state, x, y, **kw)
         state.method_loss_fn = lambda: self._method_loss(state)
         state.batch_fn = self._draw_batch
+        self._bind_defenses()
+        return state
+
+    def _bind_defenses(self) -> None:
+        """What the defenses ask of the engine (instances may narrow their class's
+        capabilities; tests may swap `self.defenses` after `build`)."""
         self.capabilities = {c for d in self.defenses for c in d.capabilities}
         self.objective_owner = next(
             (d for d in self.defenses if "objective" in d.slots), None)
-        return state
+
+    # ---- the clean-model service ---------------------------------------------
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).split(".")[-1]
+
+    def provide_clean_model(self, state: TrainState) -> None:
+        """Set `state.clean_model` (frozen, eval mode) for the defenses that ask for it,
+        from the cache or trained now, and note it as this run's extra pretraining.
+        Torch's global random state is left as it was (cached or not, same run)."""
+        users = [d.name for d in self.defenses if "clean_model" in d.capabilities]
+        if not users:
+            return
+        with preserved_global_rng(self.device):
+            made = obtain_clean_model(self.clean_models_dir, self.suite, self.spec.seed,
+                                      self.precision, self._train_clean_model, self.progress)
+            model = build_model(self.suite.model, self.splits.info).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.load_state_dict(made.weights)
+        state.clean_model = model.eval().requires_grad_(False)
+        self.pretraining = [{**made.info, "for": users}]
+
+    def _train_clean_model(self, folder: Path, suite: Suite) -> None:
+        spec = RunSpec(suite.name, "standard", (), self.spec.seed)
+        trainer = Trainer(spec, suite, self.splits, folder, device=self.device,
+                          progress=self.progress, mixed_precision=self.autocast_dtype is not None,
+                          channels_last=self.channels_last)
+        trainer.label = f"clean model (standard) seed {self.spec.seed}"
+        trainer.train()
 
     def _attack_on(self, state: TrainState, x: torch.Tensor, y: torch.Tensor, **kw):
         saved = state.x, state.y
@@ -276,6 +324,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "rng": rng, "best": best,
             "history": history, "seconds": seconds,
             "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
+            "pretraining": self.pretraining,
         }
 
     def check_suite_hash(self, ckpt: dict, remedy: str) -> None:
@@ -308,6 +357,7 @@ class Trainer:
         state.epoch, state.step = ckpt["epoch"], ckpt["step"]
         state.counter.forward = ckpt["passes"]["forward"]
         state.counter.backward = ckpt["passes"]["backward"]
+        self.pretraining = list(ckpt.get("pretraining", []))
         return list(ckpt["history"]), dict(ckpt["best"]), float(ckpt["seconds"])
 
     # ---- the loop -----------------------------------------------------------
@@ -316,20 +366,25 @@ class Trainer:
         `stop_after_epochs` completed epochs, as an interruption would)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = self.build()
+        self._bind_defenses()
         last_path = self.run_dir / "last.pt"
+        resuming = last_path.exists()
         history: list[dict] = []
         best = {"epoch": 0, "val_robust": -1.0}
         seconds = 0.0
+        if not resuming:
+            self.provide_clean_model(state)
         for defense in self.defenses:
             defense.setup(state)  # builds proxies/EMA; a checkpoint's values then win
-        if last_path.exists():
+        state.clean_model = None  # setup has used it; it is not kept around
+        if resuming:
             history, best, seconds = self._restore(state, load_checkpoint(last_path))
         else:
             write_json_atomic(self.run_dir / "spec.json", {
                 "spec": self.spec.to_dict(), "run_id": self.spec.run_id,
                 "suite_hash": self.suite_hash})
         epochs = self.suite.train.epochs
-        bar = _epoch_bar(self.progress, epochs, state.epoch, self.spec)
+        bar = _epoch_bar(self.progress, epochs, state.epoch, self.label)
         while state.epoch < epochs:
             if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
                 break
@@ -405,6 +460,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
         state.x, state.y, state.index = x, y, index
+        state.term_grads = {}
         if "raw_batch" in self.capabilities:
             state.raw_x = to_float(self.train_x_for(index), self.channels_last)
         for defense in self.defenses:
@@ -422,6 +478,8 @@ class Trainer:
                 stack.enter_context(defense.around_update(state))
             optimizer.zero_grad(set_to_none=True)
             loss = self._loss(state)
+            if "term_grads" in self.capabilities:
+                self._term_grads(state)
             loss.backward()
             state.counter.add(bwd=1)
             for defense in self.defenses:
@@ -466,6 +524,26 @@ class Trainer:
             loss = loss + value
         return loss
 
+    def _term_grads(self, state: TrainState) -> None:
+        """term_grads capability: the parameter gradient of each scalar that a defense's
+        `gradient_terms` names, as `state.term_grads["<defense>.<term>"]` (a list aligned
+        with `model.parameters()`, zeros where a parameter does not enter the term). The
+        loss's graph is kept for the training backward; `.grad` is not touched."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for defense in self.defenses:
+            if "term_grads" not in defense.capabilities:
+                continue
+            for name, value in (defense.gradient_terms(state) or {}).items():
+                if value.ndim != 0:
+                    raise ValueError(
+                        f"{defense.name}.gradient_terms returned term {name!r} with shape "
+                        f"{tuple(value.shape)}; each term must be a scalar (reduce it first)")
+                grads = torch.autograd.grad(value, params, retain_graph=True,
+                                            allow_unused=True)
+                state.counter.add(bwd=1)
+                state.term_grads[f"{defense.name}.{name}"] = [
+                    torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
     def _check_finite(self, loss_sum: torch.Tensor, state: TrainState) -> None:
         if not math.isfinite(float(loss_sum)):
             kept = state.epoch
@@ -478,13 +556,12 @@ class Trainer:
                 "folder to start over")
 
 
-def _epoch_bar(enabled: bool, epochs: int, done: int, spec: RunSpec):
+def _epoch_bar(enabled: bool, epochs: int, done: int, label: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=epochs, initial=done, desc=f"train {spec.row_name} seed {spec.seed}",
-                unit="epoch", dynamic_ncols=True)
+    return tqdm(total=epochs, initial=done, desc=label, unit="epoch", dynamic_ncols=True)
 
 
 def collect_eval_models(model: nn.Module, defenses: list[Defense],

@@ -193,6 +193,7 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
                  device: torch.device) -> dict:
     history = read_history(run_dir / "history.jsonl")
     curves = record_curves(history)
+    pretraining = [dict(e) for e in last.get("pretraining") or []]  # clean-model service
     aa_summary = {"version": suite.eval.autoattack}
     for key, info in autoattack.items():
         aa_summary[key] = {k: v for k, v in info.items() if k != "log"}
@@ -219,9 +220,13 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
                  "eval_seconds": eval_seconds,
                  "forward_passes": last["passes"]["forward"],
                  "backward_passes": last["passes"]["backward"],
-                 "pretraining_seconds": 0.0},
+                 "pretraining_seconds": sum(float(e["seconds"]) for e in pretraining),
+                 "pretraining_forward_passes": sum(int(e["forward_passes"])
+                                                   for e in pretraining),
+                 "pretraining_backward_passes": sum(int(e["backward_passes"])
+                                                    for e in pretraining)},
         "flags": flags,
-        "extra_pretraining": [],
+        "extra_pretraining": pretraining,
         "cards": {d.name: d.card.to_dict() for d in trainer.defenses},
         "defense_params": {d.name: d.hparams for d in trainer.defenses},
         "autoattack": aa_summary,

@@ -4,7 +4,8 @@ Hooks read the protocol (`suite`, `eps`, `epoch`, `lr`) and the current batch,
 and write only the fields their hook documents (`x`/`y` in `before_attack`,
 weights inside `around_update`, extra terms in `add_losses`, ...). Services:
 `attack()` (the suite's attack, with explicit logged overrides), `draw_batch()`
-(an independent second batch stream), `log()` and the pass counters.
+(an independent second batch stream), `log()` and the pass counters; on request
+(capabilities), `clean_model` in `setup` and `term_grads` in `after_backward`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,15 @@ class TrainState:
     x_adv: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # logits of the training forward
     per_sample_loss: torch.Tensor | None = None
+    # term_grads capability: "<defense>.<term>" -> the gradient of that defense's
+    # `gradient_terms` scalar w.r.t. each trainable parameter (aligned with
+    # `[p for p in model.parameters() if p.requires_grad]`); filled before the backward,
+    # read in `after_backward`, emptied at the next batch
+    term_grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # clean_model capability: during `setup` of a fresh run, a frozen eval-mode model of the
+    # suite's architecture trained with `standard` for this seed (bench/clean_model.py);
+    # None on resume and after setup (keep what you need in the defense: it is checkpointed)
+    clean_model: nn.Module | None = None
     # services, bound by the engine
     attack_fn: Callable[..., torch.Tensor] | None = None
     method_loss_fn: Callable[[], torch.Tensor] | None = None

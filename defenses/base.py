@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from bench.state import TrainState
 
 SLOTS = ("objective", "augmentation", "update")
-CAPABILITIES = ("clean_logits", "per_sample_loss", "dataset_index", "raw_batch")
+CAPABILITIES = ("clean_logits", "per_sample_loss", "dataset_index", "raw_batch", "term_grads",
+                "clean_model")
 ENTRY_POINT_GROUP = "robench.defenses"
 
 
@@ -59,8 +60,14 @@ class Defense(nn.Module):
       params: default hyperparameters; a run may override any of them.
       methods: base methods the defense composes with (empty = all).
       slots: single-owner slots it claims (`objective`, `augmentation`, `update`).
-      capabilities: per-batch quantities it needs the engine to compute
-        (`clean_logits`, `per_sample_loss`, `dataset_index`, `raw_batch`).
+      capabilities: what it needs the engine to compute or provide: per batch
+        `clean_logits`, `per_sample_loss`, `dataset_index`, `raw_batch`, `term_grads`
+        (the parameter gradient of each scalar `gradient_terms` returns, in
+        `state.term_grads`, one extra backward each); per run `clean_model` (a model of
+        the suite's architecture trained with `standard` for the run's seed, trained once
+        and cached by the engine, in `state.clean_model` during `setup` of a fresh run;
+        the record declares it as extra pretraining, with its cost). An instance may
+        narrow its class's list in `__init__` (a switched-off option needs nothing).
     """
 
     name: ClassVar[str] = ""
@@ -109,6 +116,13 @@ class Defense(nn.Module):
 
     def objective_loss(self, state: TrainState) -> torch.Tensor | None:
         """Only for a defense that owns the `objective` slot: per-sample loss."""
+        return None
+
+    def gradient_terms(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        """Only with the `term_grads` capability: named scalars (built from this batch's
+        forward, e.g. from logits kept in `objective_loss`) whose gradients w.r.t. the
+        parameters the engine puts in `state.term_grads["<name>.<term>"]` before the
+        backward. They are not added to the loss."""
         return None
 
     def after_backward(self, state: TrainState) -> None: ...
@@ -252,6 +266,10 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
         _check_params(cls, user, f"defense {spec.name!r}")
         values.update(user)
         defense = cls(**values)
+        extra_caps = sorted(set(defense.capabilities) - set(cls.capabilities))
+        if extra_caps:
+            raise ConfigError(f"defense {spec.name!r}: an instance may only narrow its "
+                              f"class's capabilities, but adds {extra_caps}")
         defense.check_run(method, suite)
         built.append(defense)
     names = [s.name for s in specs]

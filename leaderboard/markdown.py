@@ -16,7 +16,10 @@ LEGEND = (
     "*gap* = best − last per seed, averaged: the size of robust overfitting. "
     "*seeds*: seeds run / seeds the suite asks for (⚠ = incomplete). "
     "*cost vs AT*: mean training seconds per epoch relative to plain PGD-AT (the `AT` row) of "
-    "the same suite; *passes vs AT*: forward + backward passes relative to AT. "
+    "the same suite, any extra pretraining (a clean model a warm start needs) included, its "
+    "seconds spread over the run's epochs; *passes vs AT*: forward + backward passes relative "
+    "to AT, extra pretraining included. *extra pretraining*: what a row trained besides its "
+    "own run, with its mean seconds (charged in full to every row that uses it). "
     "*flags*: sanity checks that fired on some seed or checkpoint. "
     "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
 )

@@ -255,3 +255,62 @@ def test_clean_logits_are_of_the_batch_the_defenses_left(tmp_path, smoke_suite, 
     handle.remove()
     assert torch.equal(inputs_seen[0], 1.0 - x)  # the clean pass saw the replaced batch
     assert state.clean_logits is not None and state.clean_logits.shape[0] == len(y)
+
+
+class TermProbe(Defense):
+    """Asks for per-term gradients: the loss itself (whose gradient must be the training
+    gradient, bit for bit) and a second term; records what the engine gave."""
+
+    name = "term_probe"
+    card = PROBE_CARD
+    capabilities = ("term_grads",)
+
+    def __init__(self, shape_error: bool = False) -> None:
+        super().__init__()
+        self.shape_error = shape_error
+        self.checked = 0
+
+    def gradient_terms(self, state):
+        if self.shape_error:
+            return {"bad": state.per_sample_loss}
+        return {"loss": state.per_sample_loss.mean(), "square": state.logits.pow(2).mean()}
+
+    def after_backward(self, state):
+        params = list(state.model.parameters())
+        assert set(state.term_grads) == {"term_probe.loss", "term_probe.square"}
+        for term, p in zip(state.term_grads["term_probe.loss"], params, strict=True):
+            assert torch.equal(term, p.grad)
+        assert any(g.abs().sum() > 0 for g in state.term_grads["term_probe.square"])
+        self.checked += 1
+
+
+def test_term_grads_are_per_term_and_leave_training_unchanged(tmp_path, smoke_suite,
+                                                              smoke_splits):
+    plain = train(tmp_path / "plain", smoke_suite, smoke_splits)
+    probe = TermProbe()
+    probed = train(tmp_path / "probed", smoke_suite, smoke_splits, instances=[probe])
+    assert probe.checked == smoke_suite.train.epochs * len(probed.loader)
+    assert_same_state(model_state(plain.run_dir), model_state(probed.run_dir))
+    rows = [read_history(t.run_dir / "history.jsonl")[-1] for t in (plain, probed)]
+    extra = rows[1]["backward_passes"] - rows[0]["backward_passes"]
+    assert extra == 2 * probe.checked  # one backward per term
+    with pytest.raises(ValueError, match=r"term_probe.gradient_terms returned term 'bad' "
+                                         r"with shape \(64,\); each term must be a scalar"):
+        train(tmp_path / "bad", smoke_suite, smoke_splits, instances=[TermProbe(True)])
+
+
+def test_an_instance_may_only_narrow_its_capabilities(smoke_suite, monkeypatch):
+    import defenses.base as base
+
+    class Greedy(Defense):
+        name = "greedy"
+        card = PROBE_CARD
+        capabilities = ("clean_logits",)
+
+        def __init__(self):
+            super().__init__()
+            self.capabilities = ("clean_logits", "term_grads")
+
+    monkeypatch.setitem(base._REGISTRY, "greedy", Greedy)
+    with pytest.raises(ConfigError, match=r"may only narrow .* adds \['term_grads'\]"):
+        build_defenses((DefenseSpec("greedy"),), "at", smoke_suite)

@@ -116,6 +116,34 @@ def test_cost_ratio_vs_at(results: Path, tmp_path: Path) -> None:
     assert compile_tables(load_records(lone))["quick"]["cost_vs_at"].isna().all()
 
 
+def test_extra_pretraining_is_shown_and_counted_in_the_cost(results: Path, tmp_path: Path) -> None:
+    """A warm start's clean model (record `extra_pretraining`, `cost.pretraining_*`): its
+    seconds spread over the run's epochs join the cost column, its passes the passes."""
+    cure = [{"name": "cure", "params": {}}]
+    for seed in (0, 1):
+        rec = make_record("TRADES+CURE", method="trades", defenses=cure, seed=seed, spe=2.0,
+                          passes=1000)
+        extra = {"kind": "clean_model", "what": "clean model (standard training, 10 epochs)",
+                 "where": "results/quick/_clean_models/x", "seconds": 10.0 + 20 * seed,
+                 "forward_passes": 250, "backward_passes": 250}
+        rec["extra_pretraining"] = [extra]
+        rec["cost"].update(pretraining_seconds=extra["seconds"],
+                           pretraining_forward_passes=250, pretraining_backward_passes=250)
+        write(results, rec)
+    t = quick(results)
+    row = t.loc["TRADES+CURE"]
+    assert row["pretraining_seconds_mean"] == pytest.approx(20.0)
+    assert row["seconds_per_epoch_mean"] == pytest.approx(2.0)  # the run's own epochs
+    assert row["cost_vs_at"] == pytest.approx((2.0 + 20.0 / 10) / 2.0)
+    assert row["passes_vs_at"] == pytest.approx(2500 / 2000)
+    assert row["extra_pretraining"] == "clean model (standard training, 10 epochs) (20 s)"
+    assert t.loc["AT", "extra_pretraining"] == "" and t.loc["AT", "cost_vs_at"] == 1.0
+    out = tmp_path / "out"
+    write_leaderboard(results, out, plots=False)
+    md = (out / "leaderboard.md").read_text()
+    assert "extra pretraining |" in md and "(standard training, 10 epochs) (20 s) |" in md
+
+
 def test_null_autoattack_falls_back_to_pgd_for_sorting(tmp_path: Path) -> None:
     res = tmp_path / "results"
     write(res, make_record(aa_last=None, aa_best=None, pgd_last=0.30))
