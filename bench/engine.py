@@ -8,6 +8,7 @@ check_run(method, suite)              when the run is planned, before any data: 
 state.clean_model                     clean_model capability, fresh runs only: the suite's
                                       `standard` model for this seed, trained once and
                                       cached (bench/clean_model.py); None on resume
+                                      and once setup has run
 setup(state)                          build proxies, EMA, policy nets (may warm-start)
 for epoch:
     on_epoch_start(state)
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from attacks.pgd import pgd
-from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model, preserved_global_rng
+from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model
 from bench.config import RunSpec, Suite
 from bench.data import DeviceLoader, Splits, augment_batch
 from bench.methods import build_method
@@ -61,7 +62,7 @@ from bench.records import (
     write_history,
     write_json_atomic,
 )
-from bench.state import TrainState, preserved_bn_stats
+from bench.state import TrainState, preserved_bn_stats, preserved_global_rng
 from defenses.base import Defense, build_defenses
 
 NONFINITE_CHECK_EVERY = 50

@@ -57,26 +57,35 @@ def shifted_weights(params: list[torch.Tensor], shifts: list[torch.Tensor]) -> I
 
 
 @contextlib.contextmanager
-def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Seed torch's global CPU generator (and the default generator of a CUDA `device`)
-    from a number drawn from `generator`; restore both on exit."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                             device=generator.device).item())
+def preserved_global_rng(device: torch.device) -> Iterator[None]:
+    """Restore torch's global CPU generator (and the default generator of a CUDA
+    `device`) on exit, whatever the body drew from them."""
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if cuda else None
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(index) if cuda else None
-    torch.default_generator.manual_seed(seed)
-    if cuda:
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
     try:
         yield
     finally:
         torch.set_rng_state(cpu_state)
         if cuda:
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+@contextlib.contextmanager
+def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Seed torch's global CPU generator (and the default generator of a CUDA `device`)
+    from a number drawn from `generator`; restore both on exit."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                             device=generator.device).item())
+    with preserved_global_rng(device):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device.index if device.index is not None
+                                   else torch.cuda.current_device()):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

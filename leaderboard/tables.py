@@ -210,7 +210,9 @@ def _extra_text(grp: pd.DataFrame) -> str:
     """'clean model (standard training, 200 epochs) (1234 s)': what, and its mean seconds."""
     what = _unique(grp["extra"])
     seconds = grp["pretraining_seconds"].mean()
-    return f"{what} ({seconds:.0f} s)" if what and seconds > 0 else what
+    if not what or not seconds > 0:
+        return what
+    return f"{what} ({seconds:.0f} s)" if seconds >= 10 else f"{what} ({seconds:.1f} s)"
 
 
 def _is_plain_at(row: pd.Series) -> bool:

@@ -1,0 +1,135 @@
+"""The clean-model service: a network trained on clean data for the same suite,
+architecture and seed, handed to every defense that lists the `clean_model` capability
+(as `state.clean_model`, a frozen eval-mode copy; CURE starts from it).
+
+The engine trains it once with the suite's `standard` method for
+`suite.clean_model_epochs` epochs (`[clean_model] epochs`, default the suite's epochs)
+and caches it in the results folder, next to the suite's runs:
+
+    results/<suite>/_clean_models/<model>-seed<seed>-<key>/
+        train/             the standard run's folder (spec.json, history.jsonl, and its
+                           checkpoints while it trains: an interrupted clean model resumes)
+        clean_model.json   what it is and what it cost (informational)
+        model.pt           weights and the same facts, written atomically and last
+
+A folder without `model.pt` is a half-written cache and is never used (training resumes
+from `train/last.pt`). `key` hashes the suite's protocol hash, the architecture, the
+seed and the recipe (method, epochs, precision), so another suite version, seed or
+budget gets its own entry. Every later run that needs the same clean model loads
+`model.pt` (`weights_only=True`) instead of training it again; a run that resumes
+never asks for it (its checkpoint already holds what the defense built from it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench.config import Suite
+from bench.records import RecordError, atomic_torch_save, load_checkpoint, write_json_atomic
+
+CLEAN_MODELS_DIR = "_clean_models"
+MODEL_FILE = "model.pt"
+INFO_FILE = "clean_model.json"
+FORMAT = 1
+METHOD = "standard"
+
+
+def recipe(suite: Suite, precision: str) -> dict:
+    """How the clean model is trained: the suite's standard method for its budget."""
+    return {"method": METHOD, "epochs": suite.clean_model_epochs, "precision": precision}
+
+
+def cache_key(suite: Suite, seed: int, precision: str) -> str:
+    """sha256 of suite (name and protocol hash), architecture, seed and recipe."""
+    payload = {"format": FORMAT, "suite": suite.name, "protocol": suite.protocol_hash,
+               "model": {"name": suite.model.name, "kwargs": suite.model.kwargs},
+               "seed": seed, "recipe": recipe(suite, precision)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir(root: Path, suite: Suite, seed: int, precision: str) -> Path:
+    """The cache entry's folder under `root` (results/<suite>/_clean_models)."""
+    key = cache_key(suite, seed, precision)
+    return Path(root) / f"{suite.model.name}-seed{seed}-{key[:12]}"
+
+
+def clean_suite(suite: Suite) -> Suite:
+    """The suite the clean model trains under: the same, with the clean model's epochs."""
+    return replace(suite, train=replace(suite.train, epochs=suite.clean_model_epochs))
+
+
+@dataclass
+class CleanModel:
+    weights: dict[str, torch.Tensor]  # the model's state_dict, on the CPU
+    info: dict  # the record's `extra_pretraining` entry
+
+
+def load_cached(folder: Path, key: str) -> CleanModel | None:
+    """The cached clean model in `folder`, or None when there is none (yet)."""
+    path = Path(folder) / MODEL_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except RecordError as exc:
+        raise RecordError(f"the cached clean model {path} cannot be read "
+                          f"({exc.__cause__ or exc}); delete the folder {folder} to train "
+                          "it again") from exc
+    if payload.get("format") != FORMAT or payload.get("key") != key:
+        raise RecordError(
+            f"{path} holds another clean model (format {payload.get('format')}, key "
+            f"{str(payload.get('key'))[:12]}, expected {key[:12]}); delete the folder "
+            f"{folder} to train it again")
+    return CleanModel(payload["model"], dict(payload["facts"]))
+
+
+def obtain_clean_model(root: Path, suite: Suite, seed: int, precision: str,
+                       train: Callable[[Path, Suite], None], progress: bool) -> CleanModel:
+    """The clean model for (suite, architecture, seed, recipe): from the cache under
+    `root`, else trained by `train(folder, suite)` (the engine's standard run in `folder`,
+    resumable), then cached. `info["reused"]` says which."""
+    key = cache_key(suite, seed, precision)
+    folder = cache_dir(root, suite, seed, precision)
+    epochs = suite.clean_model_epochs
+    cached = load_cached(folder, key)
+    if cached is not None:
+        if progress:
+            print(f"clean model for {suite.name} seed {seed}: reusing {folder}", flush=True)
+        cached.info["reused"] = True
+        return cached
+    if progress:
+        print(f"clean model for {suite.name} seed {seed}: standard training for {epochs} "
+              f"epochs, cached in {folder}", flush=True)
+    work = folder / "train"
+    train(work, clean_suite(suite))
+    last = load_checkpoint(work / "last.pt")
+    if last["epoch"] != epochs:
+        raise RecordError(f"the clean model in {work} stopped after epoch {last['epoch']} "
+                          f"of {epochs}; run again to resume it")
+    facts = {
+        "kind": "clean_model",
+        "what": f"clean model (standard training, {epochs} epochs)",
+        "where": str(folder), "key": key, "suite": suite.name,
+        "protocol_hash": suite.protocol_hash, "model": suite.model.name, "seed": seed,
+        "recipe": recipe(suite, precision), "epochs": epochs,
+        "seconds": float(last["seconds"]),
+        "forward_passes": int(last["passes"]["forward"]),
+        "backward_passes": int(last["passes"]["backward"]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(folder / INFO_FILE, facts)
+    atomic_torch_save({"format": FORMAT, "key": key, "facts": facts, "model": last["model"]},
+                      folder / MODEL_FILE)  # the commit: from here on the cache is used
+    for name in ("last.pt", "best.pt"):  # the weights now live in model.pt
+        (work / name).unlink(missing_ok=True)
+    made = load_cached(folder, key)  # the very bytes every later run will load
+    assert made is not None
+    made.info["reused"] = False
+    return made

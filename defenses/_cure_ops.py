@@ -1,0 +1,108 @@
+"""The operations of CURE (Gowda, Zonooz & Arani, "Conserve-Update-Revise to Cure
+Generalization and Robustness Trade-off in Adversarial Training", ICLR 2024), as plain
+functions on tensors and modules: the objectives, the consistency with the revision
+model, the gradient-prominence masks ("conserve") and the stochastic revision update.
+`defenses/cure.py` wires them to the engine's hooks.
+
+Masks index parameters in their logical (row-major) order, so they do not depend on the
+memory format (channels_last) of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities: sum_k p_k (log p_k - log q_k). The same
+    operations as the engine's TRADES loss, so that CURE at zero strength is TRADES bit for
+    bit."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def trades_objective(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """Per-sample CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (the paper's L_adv, beta = 1)."""
+    ce = F.cross_entropy(logits_clean, y, reduction="none")
+    log_p_clean = F.log_softmax(logits_clean, dim=1)
+    return ce + beta * kl_rows(log_p_clean, F.log_softmax(logits_adv, dim=1))
+
+
+def rgp_objective(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                  alpha_c: float) -> torch.Tensor:
+    """Per-sample alpha_c CE(f(x), y) + (1 - alpha_c) CE(f(x_adv), y) (reference `rgp`)."""
+    return (alpha_c * F.cross_entropy(logits_clean, y, reduction="none")
+            + (1 - alpha_c) * F.cross_entropy(logits_adv, y, reduction="none"))
+
+
+def consistency(logits_clean: torch.Tensor, logits_adv: torch.Tensor,
+                revision_clean: torch.Tensor, revision_adv: torch.Tensor) -> torch.Tensor:
+    """L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)), batch means, the
+    revision model's outputs detached (the targets)."""
+    total = logits_clean.new_zeros(())
+    for student, target in ((logits_clean, revision_clean), (logits_adv, revision_adv)):
+        log_target = F.log_softmax(target.detach().float(), dim=1)
+        total = total + kl_rows(log_target, F.log_softmax(student.float(), dim=1)).mean()
+    return total
+
+
+def conserved_count(percent: float, n: int) -> int:
+    """Entries of a layer of n that are conserved: round(percent / 100 * n), halves up."""
+    return min(n, math.floor(percent * n / 100 + 0.5))
+
+
+def update_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
+    """Boolean mask of `score`'s shape, False ("conserve") at exactly
+    `conserved_count(percent, n)` entries with the lowest score (ties: the lower flat
+    index first), True ("update") elsewhere."""
+    flat = score.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
+    k = conserved_count(percent, flat.numel())
+    if k > 0:
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+    return keep.view(score.shape)
+
+
+def prominence(grad_clean: torch.Tensor, grad_adv: torch.Tensor, alpha_c: float) -> torch.Tensor:
+    """The paper's revision gradient prominence per weight:
+    alpha_c |dCE(x)/dw| + (1 - alpha_c) |dCE(x_adv)/dw|."""
+    return alpha_c * grad_clean.float().abs() + (1 - alpha_c) * grad_adv.float().abs()
+
+
+def conserve_(params: list[torch.Tensor], scores: list[torch.Tensor], percent: float) -> None:
+    """Zero, in each parameter's `.grad`, the entries whose score is among the lowest
+    `percent` of that parameter (layer); parameters without a gradient are skipped."""
+    if percent <= 0:
+        return
+    for p, score in zip(params, scores, strict=True):
+        if p.grad is not None:
+            p.grad.masked_fill_(~update_mask(score, percent), 0.0)
+
+
+def last_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the last `nn.Linear` module (the classifier), which the
+    reference's `rgp` mode never masks."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
+def revision_decay(mode: str, decay: float, step: int) -> float:
+    """The revision model's EMA decay: d (paper); min(1 - 1/(t + 1), d) with t the number
+    of optimizer steps taken so far, this one included (reference `rgp`)."""
+    if mode == "rgp":
+        return min(1 - 1 / (step + 1), decay)
+    return decay
+
+
+def revise_(revision: nn.Module, model: nn.Module, decay: float, gate: torch.Tensor) -> None:
+    """theta_rev <- decay * theta_rev + (1 - decay) * theta for the parameters (buffers are
+    left alone) where the boolean scalar `gate` is True; exactly unchanged where False
+    (a tensor gate: no host synchronisation)."""
+    with torch.no_grad():
+        for r, p in zip(revision.parameters(), model.parameters(), strict=True):
+            blended = r * decay + p.detach() * (1 - decay)
+            r.copy_(torch.where(gate, blended, r))
