@@ -34,6 +34,12 @@ for epoch:
 eval_models(state) -> {name: module}   evaluated besides the trained model
 ```
 
+Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overrides)` (the
+suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the
+BatchNorm mode while attacking), `draw_batch(augment=True)` (a second batch stream;
+`augment=False` gives unaugmented images), `data_info` (channels, image side, classes,
+normalisation), `log(key, value)` and the pass counters.
+
 The engine owns the threat model, optimizer, schedule, mixed precision
 (bf16 autocast on CUDA, fp32 on CPU; channels_last on both), checkpoints and resume.
 It never names a defense.
@@ -247,7 +253,8 @@ class Trainer:
         state = TrainState(
             suite=self.suite, spec=self.spec, device=self.device, model=self.model,
             optimizer=self.optimizer, epochs=t.epochs, batches_per_epoch=len(self.loader),
-            autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
+            autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+            data_info=self.splits.info)
         state.attack_fn = lambda x, y, **kw: self._attack_on(state, x, y, **kw)
         state.method_loss_fn = lambda: self._method_loss(state)
         state.batch_fn = self._draw_batch
@@ -303,10 +310,10 @@ class Trainer:
         with state.autocast():
             return self.method.loss(state)
 
-    def _draw_batch(self):
+    def _draw_batch(self, augment: bool = True):
         t, n = self.suite.train, len(self.train_y)
         idx = torch.randint(0, n, (t.batch_size,), generator=self.stream_gen, device=self.device)
-        x = augment_batch(self.train_x[idx], self.suite.data.augment,
+        x = augment_batch(self.train_x[idx], self.suite.data.augment if augment else "none",
                           self.suite.data.crop_padding, self.stream_gen, self.channels_last)
         return x, self.train_y[idx], self.train_index[idx]
 

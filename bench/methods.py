@@ -20,7 +20,9 @@ from bench.state import TrainState
 
 class Method:
     """A base objective. `attack` builds `state.x_adv`; `loss` returns the
-    per-sample loss at the current weights and sets `state.logits`."""
+    per-sample loss at the current weights and sets `state.logits`. `attack` takes
+    overrides of its settings (`eps`, `step_size`, `steps`, ...; PGD-AT also `loss`,
+    `random_start` and `attack_bn`, the BatchNorm mode while attacking)."""
 
     name = ""
 
@@ -50,7 +52,7 @@ class PGDAT(Method):
         t = state.suite.train
         model = state.model
         was_training = model.training
-        model.train(t.attack_bn == "train")
+        model.train(overrides.get("attack_bn", t.attack_bn) == "train")
         try:
             return self._counted(
                 state, pgd, model, state.x, state.y,

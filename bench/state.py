@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from bench.config import RunSpec, Suite
+
+if TYPE_CHECKING:
+    from bench.data import DatasetInfo
 
 
 @contextlib.contextmanager
@@ -124,6 +127,9 @@ class TrainState:
     batches_per_epoch: int
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    # the dataset's channels, image side, classes and normalisation (for defenses that
+    # build networks of their own, e.g. a policy network)
+    data_info: DatasetInfo | None = None
     # progress
     epoch: int = 0  # 0-based epoch being trained
     step: int = 0  # global iteration counter
@@ -150,7 +156,7 @@ class TrainState:
     # services, bound by the engine
     attack_fn: Callable[..., torch.Tensor] | None = None
     method_loss_fn: Callable[[], torch.Tensor] | None = None
-    batch_fn: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    batch_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     counter: PassCounter = field(default_factory=PassCounter)
     logs: dict[str, list[float]] = field(default_factory=dict)
     attack_overrides_log: list[dict] = field(default_factory=list)
@@ -184,11 +190,13 @@ class TrainState:
         assert self.method_loss_fn is not None
         return self.method_loss_fn()
 
-    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw_batch(self, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch (x, y, index) from a second, independent stream over the
-        training split: sampling it never shifts the main data order."""
+        training split: sampling it never shifts the main data order. With
+        `augment=False` the images are unaugmented (the suite's augmentation draws
+        nothing from the stream then)."""
         assert self.batch_fn is not None
-        return self.batch_fn()
+        return self.batch_fn(augment)
 
     def log(self, key: str, value: float | torch.Tensor) -> None:
         """Record a scalar; the epoch mean lands in `history.jsonl`."""

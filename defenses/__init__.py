@@ -1,7 +1,7 @@
 """Defenses against robust overfitting, each a `Defense` that touches only the
 engine's hooks. Importing this package registers the built-in ones."""
 
-from defenses import awp, cure, dom, dom_da, fomo, hr, idbh, lap, rwp  # noqa: F401
+from defenses import aroid, awp, cure, dom, dom_da, fomo, hr, idbh, lap, rwp  # noqa: F401
 from defenses.base import (
     Defense,
     DefenseCard,
