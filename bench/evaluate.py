@@ -6,7 +6,8 @@ CW-inf-20 (margin loss) and AutoAttack (official `pyautoattack`), on the suite's
 evaluation set. Sanity flags: AutoAttack's own warnings, PGD at a huge epsilon
 must reach ~0, more PGD steps must not raise accuracy, and a large
 PGD-vs-AutoAttack gap. The record also carries `catastrophic_overfitting`: None,
-or the first epoch flagged by `bench.overfitting` from the per-epoch curves.
+or the first epoch flagged by `bench.overfitting` from the per-epoch curves (checked
+only for runs with the FGSM curve, i.e. on the single-step suites).
 """
 
 from __future__ import annotations

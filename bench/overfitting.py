@@ -27,6 +27,8 @@ Without an FGSM curve only condition 1 can be checked ("PGD only"). To keep a mo
 that never became robust from being flagged, the floor part then also needs P*_e >=
 PGD_FLOOR_REACHED (the accuracy *fell* below the floor). A PGD-only result cannot tell
 CO from a large, sudden robust-overfitting drop; the result's `rule` says which check ran.
+Run records therefore carry a CO result only when the FGSM curve exists
+(`catastrophic_overfitting_field`).
 
 Plain Python on purpose (no torch): the rule can be re-applied to any history.
 """
@@ -130,6 +132,14 @@ def _epoch_checks(history: Sequence[dict]) -> list[COEvent | None]:
 
 
 def catastrophic_overfitting_field(history: Sequence[dict]) -> dict | None:
-    """The record's `catastrophic_overfitting` value: None or the event as a dict."""
+    """The record's `catastrophic_overfitting` value: None or the event as a dict.
+
+    Records are checked only when the run has the FGSM curve (the single-step suites set
+    `[curves] fgsm = true`). Without it only the PGD-only check could run, and in
+    multi-step training a sudden, transient PGD drop is not CO: AT+AROID on fmnist-quick
+    lost 30 points of validation PGD accuracy for two epochs when its augmentation policy
+    started after the warm-up, and recovered."""
+    if not has_fgsm_curve(history):
+        return None
     event = detect_catastrophic_overfitting(history)
     return None if event is None else event.to_dict()

@@ -191,3 +191,12 @@ def test_record_curves_gain_val_fgsm_only_when_recorded():
     rows = [{"epoch": 1, "val_robust": 0.3}]
     assert "val_fgsm" not in record_curves(rows)
     assert record_curves([dict(rows[0], val_fgsm=0.4)])["val_fgsm"] == [0.4]
+
+
+def test_the_record_field_is_checked_only_with_an_fgsm_curve():
+    collapse_pgd_only = history([0.30, 0.40, 0.15, 0.14])
+    assert detect_catastrophic_overfitting(collapse_pgd_only) is not None
+    assert catastrophic_overfitting_field(collapse_pgd_only) is None
+    with_fgsm = history([0.30, 0.40, 0.01, 0.01, 0.01], [0.40, 0.50, 0.55, 0.60, 0.62])
+    field = catastrophic_overfitting_field(with_fgsm)
+    assert field is not None and field["epoch"] == 3
