@@ -396,9 +396,10 @@ class Trainer:
         while state.epoch < epochs:
             if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
                 break
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             train_stats = self._train_epoch(state)
             train_seconds = time.perf_counter() - start
+            train_cpu_seconds = time.process_time() - cpu_start
             curve_start = time.perf_counter()
             val = curve_point(self.model, *self.val_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype,
@@ -417,6 +418,8 @@ class Trainer:
                    "backward_passes": state.counter.backward}
             if self.device.type == "cpu":  # CPU results are bit-exact only at a fixed count
                 row["cpu_threads"] = torch.get_num_threads()
+                # the process's CPU time: unlike wall time, other jobs barely change it
+                row["cpu_seconds"] = train_cpu_seconds
             history.append(row)
             payload = self._payload(state, history, best, seconds)
             if val.robust > best["val_robust"]:

@@ -215,6 +215,9 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
         "catastrophic_overfitting": catastrophic_overfitting_field(history),
         "cost": {"train_seconds": float(last["seconds"]),
                  "seconds_per_epoch": [row["seconds"] for row in history],
+                 "cpu_seconds_per_epoch": (
+                     [row["cpu_seconds"] for row in history]
+                     if history and all("cpu_seconds" in row for row in history) else None),
                  "curve_seconds": sum(row.get("curve_seconds", 0.0) for row in history),
                  "train_cpu_threads": sorted({row["cpu_threads"] for row in history
                                               if "cpu_threads" in row}),

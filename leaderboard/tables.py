@@ -120,9 +120,18 @@ def row_labels(records: list[dict]) -> dict[str, str]:
     return labels
 
 
-def _seconds_per_epoch(rec: dict) -> float:
+def has_cpu_clock(records: list[dict]) -> bool:
+    """True when every record has the process CPU seconds of every training epoch (CPU
+    runs): the suite's cost column then uses them instead of wall seconds, so that other
+    jobs sharing the machine do not distort the ratios. Otherwise all rows use wall time."""
+    return bool(records) and all(
+        (rec.get("cost") or {}).get("cpu_seconds_per_epoch") for rec in records)
+
+
+def _seconds_per_epoch(rec: dict, clock: str = "wall") -> float:
     cost = rec.get("cost") or {}
-    per_epoch = [_num(s) for s in cost.get("seconds_per_epoch") or []]
+    key = "cpu_seconds_per_epoch" if clock == "cpu" else "seconds_per_epoch"
+    per_epoch = [_num(s) for s in cost.get(key) or []]
     per_epoch = [s for s in per_epoch if not math.isnan(s)]
     if per_epoch:
         return sum(per_epoch) / len(per_epoch)
@@ -163,14 +172,14 @@ def _pretraining(rec: dict) -> tuple[float, float, list[str]]:
     return seconds, passes, [str(e.get("what", "?")) for e in extras]
 
 
-def run_rows(rec: dict, label: str) -> list[dict]:
+def run_rows(rec: dict, label: str, clock: str = "wall") -> list[dict]:
     """One flat row per evaluated model of one run (one seed). The cost columns count the
     extra pretraining: `cost_per_epoch` adds its seconds spread over the run's epochs,
     `passes` adds its passes."""
     spec, cost, hist = rec["spec"], rec.get("cost") or {}, rec.get("history") or {}
     pre, pre_passes, extras = _pretraining(rec)
     epochs = _num(hist.get("epochs"))
-    per_epoch = _seconds_per_epoch(rec)
+    per_epoch = _seconds_per_epoch(rec, clock)
     amortised = pre / epochs if pre > 0 and epochs > 0 else 0.0
     base = {
         "config": config_key(spec), "row_name": rec["row_name"], "method": spec["method"],
@@ -222,8 +231,9 @@ def _is_plain_at(row: pd.Series) -> bool:
 def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
     """Aggregate one suite's (deduplicated) records into its leaderboard table."""
     labels = row_labels(records)
+    clock = "cpu" if has_cpu_clock(records) else "wall"
     runs = pd.DataFrame(
-        [r for rec in records for r in run_rows(rec, labels[config_key(rec["spec"])])])
+        [r for rec in records for r in run_rows(rec, labels[config_key(rec["spec"])], clock)])
     newest = max(records, key=created_at)
     expected = len(newest["suite"].get("seeds") or [])
     rows = []

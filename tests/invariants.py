@@ -17,7 +17,7 @@ from bench.state import kernel_parameters
 from defenses.base import Defense, DefenseCard
 
 PROBE_CARD = DefenseCard(name="probe", paper="test")
-TIMING_KEYS = ("seconds", "curve_seconds")
+TIMING_KEYS = ("seconds", "curve_seconds", "cpu_seconds")
 
 
 def train(tmp: Path, suite, splits, method="at", defenses=(), seed=0, stop=None,

@@ -314,3 +314,10 @@ def test_an_instance_may_only_narrow_its_capabilities(smoke_suite, monkeypatch):
     monkeypatch.setitem(base._REGISTRY, "greedy", Greedy)
     with pytest.raises(ConfigError, match=r"may only narrow .* adds \['term_grads'\]"):
         build_defenses((DefenseSpec("greedy"),), "at", smoke_suite)
+
+
+def test_cpu_runs_record_the_process_cpu_seconds_of_each_epoch(tmp_path, smoke_suite,
+                                                               smoke_splits):
+    trainer = train(tmp_path, smoke_suite, smoke_splits)
+    rows = read_history(trainer.run_dir / "history.jsonl")
+    assert rows and all(row["cpu_seconds"] > 0 for row in rows)

@@ -314,3 +314,22 @@ def test_curves_include_the_fgsm_curve_only_where_every_run_has_it():
     assert list(both["val_fgsm"]) == [0.4, 0.6]
     assert "val_fgsm" not in _mean_curves([rec([0.3, 0.5]), rec(None)])
     assert "val_fgsm" not in _mean_curves([rec(None)])
+
+
+def test_cost_uses_cpu_seconds_when_every_run_has_them(tmp_path: Path) -> None:
+    """Process CPU seconds (CPU runs) replace wall seconds in the cost column only when
+    every record of the suite has them; a mix falls back to wall time for all rows."""
+    def with_cpu(rec: dict, cpu: float) -> dict:
+        rec["cost"]["cpu_seconds_per_epoch"] = [cpu] * 10
+        return rec
+
+    both = tmp_path / "both"
+    write(both, with_cpu(make_record("AT", spe=4.0), 1.0))  # wall inflated by other jobs
+    write(both, with_cpu(make_record("AT+AWP", defenses=AWP, spe=2.0), 1.5))
+    table = compile_tables(load_records(both))["quick"].set_index("row")
+    assert table.loc["AT+AWP", "cost_vs_at"] == pytest.approx(1.5)
+    mixed = tmp_path / "mixed"
+    write(mixed, make_record("AT", spe=4.0))
+    write(mixed, with_cpu(make_record("AT+AWP", defenses=AWP, spe=2.0), 1.5))
+    table = compile_tables(load_records(mixed))["quick"].set_index("row")
+    assert table.loc["AT+AWP", "cost_vs_at"] == pytest.approx(0.5)
