@@ -96,6 +96,17 @@ def test_masks_conserve_exactly_the_fraction_per_layer(percent):
             assert score[~keep].max() <= score[keep].min()
 
 
+def test_mask_selection_equals_a_stable_sort_with_many_ties():
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(60):
+        n = int(torch.randint(1, 200, (1,), generator=gen))
+        score = torch.randint(0, 4 + trial % 7, (n,), generator=gen).float()  # many ties
+        percent = float(torch.rand((), generator=gen)) * 100
+        reference = torch.ones(n, dtype=torch.bool)
+        reference[torch.argsort(score, stable=True)[:conserved_count(percent, n)]] = False
+        assert torch.equal(update_mask(score, percent), reference), (n, percent)
+
+
 def test_masks_break_ties_by_position_and_ignore_memory_format():
     score = torch.zeros(10)
     assert torch.equal(update_mask(score, 30.0), torch.arange(10) >= 3)
