@@ -1,6 +1,6 @@
 """The clean-model service: a network trained on clean data for the same suite,
 architecture and seed, handed to every defense that lists the `clean_model` capability
-(as `state.clean_model`, a frozen eval-mode copy; CURE starts from it).
+(as `state.clean_model`, a frozen eval-mode copy; e.g. for a warm start or an affinity model).
 
 The engine trains it once with the suite's `standard` method for
 `suite.clean_model_epochs` epochs (`[clean_model] epochs`, default the suite's epochs)

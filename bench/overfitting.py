@@ -136,9 +136,9 @@ def catastrophic_overfitting_field(history: Sequence[dict]) -> dict | None:
 
     Records are checked only when the run has the FGSM curve (the single-step suites set
     `[curves] fgsm = true`). Without it only the PGD-only check could run, and in
-    multi-step training a sudden, transient PGD drop is not CO: AT+AROID on fmnist-quick
-    lost 30 points of validation PGD accuracy for two epochs when its augmentation policy
-    started after the warm-up, and recovered."""
+    multi-step training a sudden, transient PGD drop is not CO: a PGD-AT run with a
+    learned augmentation policy on fmnist-quick lost 30 points of validation PGD accuracy
+    for two epochs when the policy started after its warm-up, and recovered."""
     if not has_fgsm_curve(history):
         return None
     event = detect_catastrophic_overfitting(history)
