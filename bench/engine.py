@@ -374,7 +374,6 @@ class Trainer:
         `stop_after_epochs` completed epochs, as an interruption would)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = self.build()
-        self._bind_defenses()
         last_path = self.run_dir / "last.pt"
         resuming = last_path.exists()
         history: list[dict] = []

@@ -33,6 +33,7 @@ def train(tmp: Path, suite, splits, method="at", defenses=(), seed=0, stop=None,
             trainer.defenses = instances
             for d in instances:
                 d.bind_random_stream(seed, torch.device("cpu"))
+            trainer._bind_defenses()  # capabilities and slots of the injected defenses
             return state
         trainer.build = build  # type: ignore[method-assign]
     trainer.train(stop_after_epochs=stop)

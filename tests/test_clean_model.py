@@ -76,6 +76,7 @@ def warm_run(run_dir, suite, splits, cache, seed=0, stop=None, tag=0, progress=F
         state = original()
         trainer.defenses = [probe]
         probe.bind_random_stream(seed, CPU)
+        trainer._bind_defenses()
         return state
     trainer.build = build  # type: ignore[method-assign]
     trainer.train(stop_after_epochs=stop)
