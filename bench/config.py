@@ -108,6 +108,8 @@ class CleanModelConfig:
 HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
                                                      ("clean_model", "epochs"))
 HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
+# Suite fields that never enter the protocol hash (see Suite.protocol_hash).
+NOT_HASHED: tuple[str, ...] = ("description", "defense_overrides", "source_hash", "methods")
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,13 @@ class Suite:
 
     @property
     def protocol_hash(self) -> str:
-        """sha256 of what every row shares: name, seeds, methods, data, model, training,
-        curves, evaluation and the clean model's budget. Comments, the description and the
-        [defenses.*] tables are left out, so editing them never splits a leaderboard or
-        invalidates a run; so are optional fields at their default (HASH_OPTIONAL_FIELDS)."""
-        protocol = {k: v for k, v in self.to_dict().items()
-                    if k not in ("description", "defense_overrides", "source_hash")}
+        """sha256 of what every row shares: name, seeds, data, model, training, curves,
+        evaluation and the clean model's budget. Comments, the description, the list of
+        base methods and the [defenses.*] tables are left out, so editing them never splits
+        a leaderboard or invalidates a run (a run's result does not depend on which other
+        baselines the suite lists); so are optional fields at their default
+        (HASH_OPTIONAL_FIELDS)."""
+        protocol = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
         _drop_optional_defaults(protocol)
         return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
 
