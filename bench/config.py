@@ -22,6 +22,10 @@ else:  # pragma: no cover
 
 SUITES_DIR = Path(__file__).parent / "suites"
 METHODS = ("at", "trades", "fgsm_rs", "n_fgsm", "standard")
+# What kind of training each method is: a defense declared for one method can stand in
+# with another of the same kind (scripts/run_full_evaluation.py).
+METHOD_KIND = {"at": "multi-step", "trades": "multi-step", "fgsm_rs": "single-step",
+               "n_fgsm": "single-step", "standard": "natural"}
 
 
 class ConfigError(ValueError):

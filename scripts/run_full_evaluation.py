@@ -6,10 +6,12 @@ leaderboard. Resumable: finished runs are skipped, half-done runs continue.
 
 Each entry of --defenses is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g.
 `trades+awp`). The plain methods of --methods (default: the suite's `methods`, e.g.
-`at`) are always run as baselines, so every row has its reference; a defense without
-a method prefix runs with each of those methods it composes with, and a registered
-defense that composes with none of them is skipped with a note (LAP on a multi-step
-suite, for instance).
+`at`) are always run as baselines. A defense without a method prefix runs with each of
+those methods it composes with; one that composes with none of them runs with its own
+first method of the same kind (multi-step or single-step) as the suite's methods, e.g.
+CURE (TRADES only) as `trades+cure` on an AT suite, and is skipped with a note when
+there is none (LAP, single-step only, on a multi-step suite). Every method a row uses
+also gets its plain row, so every row has its reference.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cli import USER_ERRORS  # noqa: E402
 from bench.config import (  # noqa: E402
+    METHOD_KIND,
     METHODS,
     ConfigError,
     RunSpec,
@@ -49,13 +52,22 @@ def plan(suite_name: str, defenses: list[str] | None, methods: list[str] | None,
         cls = registry.get(specs[0].name)  # unknown or file-based: validate_spec decides
         usable = [m for m in methods if cls is None or not cls.methods or m in cls.methods]
         if not usable:
+            kinds = {METHOD_KIND[m] for m in methods}
+            usable = [m for m in cls.methods if METHOD_KIND[m] in kinds][:1]
             message = (f"{entry}: composes with {list(cls.methods)}, but suite "
                        f"{suite.name!r} runs {methods}")
-            if defenses is not None:
+            if usable:
+                print(f"note {message}: running it as {usable[0]}+{entry}, with a "
+                      f"plain {usable[0]} row as its reference", file=sys.stderr)
+            elif defenses is not None:
                 raise ConfigError(f"{message}; prefix a method, e.g. "
                                   f"{cls.methods[0]}+{entry}, or pick another suite")
-            print(f"skipped {message}", file=sys.stderr)
+            else:
+                print(f"skipped {message}", file=sys.stderr)
         combos.extend((m, specs) for m in usable)
+    for method in dict.fromkeys(m for m, _ in combos):  # every row's reference
+        if (method, ()) not in combos:
+            combos.append((method, ()))
     specs_out = [RunSpec(suite.name, m, d, seed) for m, d in combos for seed in seeds]
     for spec in specs_out:
         validate_spec(spec, suite)  # fail before any training

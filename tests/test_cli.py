@@ -134,7 +134,21 @@ def test_full_evaluation_runs_each_defense_with_the_suite_methods_it_composes_wi
     with pytest.raises(ConfigError, match="beta is published only for eps"):
         plan("fmnist-quick", ["fgsm_rs+lap"], None, [0])
     assert {s.row_name for s in plan("fmnist-quick", ["fgsm_rs+lap:beta=0.01"], None, [0])} == {
-        "AT", "FGSM-RS+LAP"}
+        "AT", "FGSM-RS", "FGSM-RS+LAP"}  # the prefixed method's plain row is its reference
+
+
+def test_a_defense_for_another_method_of_the_same_kind_runs_with_its_own_baseline(capsys):
+    from bench.config import METHOD_KIND, METHODS
+
+    assert set(METHOD_KIND) == set(METHODS)
+    plan = _plan()
+    rows = [s.row_name for s in plan("fmnist-quick", None, None, [0])]
+    assert "TRADES+CURE" in rows and rows.count("TRADES") == 1  # CURE declares trades only
+    assert "note cure: composes with ['trades']" in capsys.readouterr().err
+    assert [s.row_name for s in plan("fmnist-quick", ["cure"], None, [0, 1])] == [
+        "AT", "AT", "TRADES+CURE", "TRADES+CURE", "TRADES", "TRADES"]
+    # no stand-in of the suite's kind: LAP (single-step) on a multi-step suite is skipped
+    assert not any("LAP" in r for r in rows)
 
 
 def test_leaderboard_without_records_is_a_clear_error(tmp_path, capsys):
