@@ -56,6 +56,9 @@ class DataConfig:
     augment: str = "crop_flip"  # crop_flip | flip | none
     crop_padding: int = 4
     split_seed: int = 0  # seed of the validation split, subsets and label noise
+    # strength (pixel scale [0, 1]) of a class-wise +-pattern added to every image of every
+    # split, a stressor that induces catastrophic overfitting; 0 = off (bench/data.py)
+    injected_feature: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class CleanModelConfig:
 # hash (and so invalidated no run folder and split no leaderboard). A section listed in
 # HASH_OPTIONAL_SECTIONS is left out as a whole once all its fields are left out.
 HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
+                                                     ("data", "injected_feature"),
                                                      ("clean_model", "epochs"))
 HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
 # Suite fields that never enter the protocol hash (see Suite.protocol_hash).
@@ -251,6 +255,11 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
         raise ConfigError(f"{where} [data]: augment must be crop_flip, flip or none")
     if not 0.0 <= data.label_noise < 1.0:
         raise ConfigError(f"{where} [data]: label_noise must be in [0, 1)")
+    if (isinstance(data.injected_feature, bool)
+            or not isinstance(data.injected_feature, int | float)
+            or not 0.0 <= data.injected_feature <= 1.0):
+        raise ConfigError(f"{where} [data]: injected_feature is a strength on the [0, 1] "
+                          f"pixel scale (0 = off), got {data.injected_feature!r}")
     curves = _build(CurveConfig, _section(raw, "curves", where), f"{where} [curves]")
     if not isinstance(curves.fgsm, bool):
         raise ConfigError(f"{where} [curves]: fgsm must be true or false")

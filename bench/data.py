@@ -2,7 +2,8 @@
 
 Every dataset is loaded as uint8 images (N x H x W x C) and integer labels, split
 deterministically (validation carved from the training set, optional class-balanced
-subsets, symmetric label noise on the training part only) and kept as uint8 tensors.
+subsets, symmetric label noise on the training part only, an optional injected class
+feature on every split) and kept as uint8 tensors.
 `DeviceLoader` holds a split on the device and yields augmented float batches in [0, 1];
 normalisation happens inside the model (see PROTOCOL.md).
 """
@@ -315,6 +316,8 @@ def build_splits(
     The test subset is the class-balanced prefix of the test split in file order
     (`test_size` = 0: all of it), independent of the seed.
     Mean and std are those of the whole training split of the dataset.
+    With `injected_feature` > 0, every image of every split then carries its class's
+    pattern (`inject_class_feature`).
     """
     if data.train_size < 0 or data.val_size < 0 or data.test_size < 0 or curve_size < 0:
         raise ConfigError("train_size, val_size, test_size and curve size must be >= 0")
@@ -353,6 +356,10 @@ def build_splits(
     train = _to_split(x[train_idx], y_train, train_idx)
     val = _to_split(x[val_idx], y[val_idx], val_idx)
     test = _to_split(xt[test_idx], yt[test_idx], test_idx)
+    if data.injected_feature > 0:
+        patterns = class_feature_patterns(num_classes, *train.x.shape[1:])
+        train, val, test = (inject_class_feature(split, data.injected_feature, patterns)
+                            for split in (train, val, test))
     return Splits(
         info=info,
         train=train,
@@ -482,3 +489,44 @@ class DeviceLoader:
             x = self.split.x[idx]
             x = augment_batch(x, self.augment, self.padding, self.generator, self.channels_last)
             yield x, self.split.y[idx], self.split.index[idx]
+
+
+# --------------------------------------------------------------------------- stressors
+
+
+def class_feature_patterns(num_classes: int, channels: int, height: int,
+                           width: int) -> torch.Tensor:
+    """One +-1 pattern per class (num_classes x C x H x W, int16): the sign of a
+    low-frequency 2-D DCT basis function cos(pi (2i+1) u / 2H) cos(pi (2j+1) v / 2W),
+    the same on every channel. Classes take the frequencies (u, v) in the order
+    u + v = 1, 2, ..., u ascending (the constant pattern u = v = 0 is skipped), so the
+    patterns are nearly orthogonal and smooth."""
+    freqs: list[tuple[int, int]] = []
+    total = 1
+    while len(freqs) < num_classes:
+        freqs += [(u, total - u) for u in range(total + 1)]
+        total += 1
+    rows = torch.arange(height, dtype=torch.float64).view(-1, 1)
+    cols = torch.arange(width, dtype=torch.float64).view(1, -1)
+    patterns = []
+    for u, v in freqs[:num_classes]:
+        wave = (torch.cos(math.pi * (2 * rows + 1) * u / (2 * height))
+                * torch.cos(math.pi * (2 * cols + 1) * v / (2 * width)))
+        patterns.append(torch.where(wave >= 0, 1, -1).to(torch.int16).expand(channels, -1, -1))
+    return torch.stack(patterns)
+
+
+def inject_class_feature(split: ArraySplit, strength: float,
+                         patterns: torch.Tensor) -> ArraySplit:
+    """Add `strength` (on the [0, 1] pixel scale, rounded to whole uint8 levels) times the
+    pattern of each example's label, clipped to the valid range.
+
+    The stressor of Ortiz-Jimenez, de Jorge, Sanyal, Bibi, Dokania, Frossard, Rogez &
+    Torr, "Catastrophic overfitting can be induced with discriminative non-robust
+    features" (TMLR 2023): a feature that is easy and discriminative but that an
+    adversary of radius eps >= strength can erase makes single-step adversarial training
+    overfit catastrophically at radii where it otherwise does not. The pattern follows the
+    label the split carries (the noisy one on a training set with label noise)."""
+    shift = patterns[split.y] * int(round(strength * 255))
+    x = (split.x.to(torch.int16) + shift).clamp_(0, 255).to(torch.uint8)
+    return ArraySplit(x=x, y=split.y, index=split.index)
