@@ -28,7 +28,8 @@ LEGEND = (
 CO_LEGEND = (
     "*CO*: catastrophic overfitting, seeds flagged / seeds checked and the earliest flagged "
     "epoch (– = none): validation PGD accuracy collapsed (below 5%, or more than 20 points "
-    "below its running maximum) while FGSM accuracy stayed high; see `bench/overfitting.py`."
+    "below its running maximum) while FGSM accuracy stayed high (at least its value at the "
+    "PGD peak minus 10 points, and 20 points above PGD); see `bench/overfitting.py`."
 )
 
 
