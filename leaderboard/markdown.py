@@ -15,13 +15,14 @@ LEGEND = (
     "mean ± sample standard deviation over seeds (no ± with a single seed); – = not measured. "
     "*gap* = best − last per seed, averaged: the size of robust overfitting. "
     "*seeds*: seeds run / seeds the suite asks for (⚠ = incomplete). "
-    "*cost vs AT*: mean training seconds per epoch relative to plain PGD-AT (the `AT` row) of "
-    "the same suite (process CPU seconds when every run of the suite recorded them, as CPU "
-    "runs do, so that other jobs on the machine do not distort the ratio; wall seconds "
+    "*cost vs BASE*: mean training seconds per epoch relative to the suite's plain base row "
+    "(PGD-AT, the `AT` row, where the suite has one; otherwise the first of TRADES, FGSM-RS, "
+    "N-FGSM and standard training that it has) (process CPU seconds when every run of the "
+    "suite recorded them, as CPU runs do, so that other jobs on the machine do not distort the ratio; wall seconds "
     "otherwise), any extra pretraining (a clean model a warm start needs) included, its "
-    "seconds spread over the run's epochs; *passes vs AT*: forward + backward passes relative "
-    "to AT, extra pretraining included. *extra pretraining*: what a row trained besides its "
-    "own run, with its mean seconds (charged in full to every row that uses it). "
+    "seconds spread over the run's epochs; *passes vs BASE*: forward + backward passes relative "
+    "to the base row, extra pretraining included. *extra pretraining*: what a row trained "
+    "besides its own run, with its mean seconds (charged in full to every row that uses it). "
     "*flags*: sanity checks that fired on some seed or checkpoint. "
     "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
 )
@@ -88,10 +89,12 @@ def suite_markdown(table: pd.DataFrame) -> str:
                 "suite file and are not comparable with the current table.", ""]
     extra = bool(table["extra_pretraining"].astype(str).str.len().gt(0).any())
     co = "co_seeds" in table.columns
+    bases = [b for b in table["cost_base"].astype(str).unique() if b]
+    base = bases[0] if bases else "AT"
     headers = ["#", "row", "clean best", "clean last", "PGD-20 best", "PGD-20 last",
                "AutoAttack best", "AutoAttack last", "gap PGD-20", "gap AutoAttack",
                "best epoch"] + (["CO"] if co else []) + [
-               "seeds", "cost vs AT", "passes vs AT", "flags"]
+               "seeds", f"cost vs {base}", f"passes vs {base}", "flags"]
     headers += ["extra pretraining"] if extra else []
     rows = []
     for i, (_, r) in enumerate(table.iterrows(), start=1):
@@ -100,7 +103,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
                     "autoattack_last", "gap_pgd20", "gap_autoattack"):
             cells.append(pct(r[f"{col}_mean"], r[f"{col}_std"]))
         cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
-        cells += [r["seeds"], ratio(r["cost_vs_at"]), ratio(r["passes_vs_at"]), r["flags"] or DASH]
+        cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]), r["flags"] or DASH]
         cells += [r["extra_pretraining"] or DASH] if extra else []
         rows.append(cells)
     out += [md_table(headers, rows), "", LEGEND + (" " + CO_LEGEND if co else ""), ""]

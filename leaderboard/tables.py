@@ -1,4 +1,4 @@
-"""Records -> one pandas table per suite: mean ± std over seeds, gaps, cost vs AT.
+"""Records -> one pandas table per suite: mean ± std over seeds, gaps, cost vs the base row.
 
 Suite versions: records are grouped by suite name, then by suite hash. The hash
 with the newest record (`created`) keeps the plain suite name; every older hash
@@ -30,7 +30,7 @@ COLUMNS = (
     ["suite", "row", "row_name", "model", "method", "defenses"]
     + [f"{v}_{s}" for v in VALUE_COLUMNS for s in ("mean", "std")]
     + ["best_epoch_mean", "epochs", "n_seeds", "seeds_expected", "seeds",
-       "seconds_per_epoch_mean", "passes_mean", "cost_vs_at", "passes_vs_at",
+       "seconds_per_epoch_mean", "passes_mean", "cost_vs_base", "passes_vs_base", "cost_base",
        "pretraining_seconds_mean", "extra_pretraining", "flags", "run_ids"]
 )
 # catastrophic overfitting, only in the tables of suites with CO data (see `has_co_data`):
@@ -224,8 +224,18 @@ def _extra_text(grp: pd.DataFrame) -> str:
     return f"{what} ({seconds:.0f} s)" if seconds >= 10 else f"{what} ({seconds:.1f} s)"
 
 
-def _is_plain_at(row: pd.Series) -> bool:
-    return str(row["method"]).lower() == "at" and not row["defenses"] and row["model"] == "model"
+# The base row the cost columns divide by: plain PGD-AT where the suite has it, otherwise
+# the first plain method of this list that it has (FGSM-RS on the single-step suites).
+BASE_METHODS = ("at", "trades", "fgsm_rs", "n_fgsm", "standard")
+
+
+def _base_row(table: pd.DataFrame) -> pd.Series | None:
+    plain = table[(table["defenses"].map(lambda d: not d)) & (table["model"] == "model")]
+    for method in BASE_METHODS:
+        rows = plain[plain["method"].astype(str).str.lower() == method]
+        if len(rows):
+            return rows.iloc[0]
+    return None
 
 
 def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
@@ -261,12 +271,14 @@ def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
             co_epoch_min=grp["co_epoch"].min())
         rows.append(row)
     table = pd.DataFrame(rows)
-    at = table[table.apply(_is_plain_at, axis=1)]
-    if len(at):
-        table["cost_vs_at"] = table["cost_per_epoch_mean"] / at.iloc[0]["cost_per_epoch_mean"]
-        table["passes_vs_at"] = table["passes_mean"] / at.iloc[0]["passes_mean"]
+    base = _base_row(table)
+    if base is not None:
+        table["cost_vs_base"] = table["cost_per_epoch_mean"] / base["cost_per_epoch_mean"]
+        table["passes_vs_base"] = table["passes_mean"] / base["passes_mean"]
+        table["cost_base"] = base["row"]
     else:
-        table["cost_vs_at"] = table["passes_vs_at"] = math.nan
+        table["cost_vs_base"] = table["passes_vs_base"] = math.nan
+        table["cost_base"] = ""
     table["_sort"] = table["autoattack_last_mean"].fillna(table["pgd20_last_mean"])
     table = table.sort_values(["_sort", "row"], ascending=[False, True], na_position="last")
     table = table[COLUMNS + (CO_COLUMNS if has_co_data(records) else [])].reset_index(drop=True)

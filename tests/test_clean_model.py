@@ -248,10 +248,10 @@ def test_record_and_leaderboard_declare_it_with_its_cost(tmp_path, smoke_suite, 
     assert row["extra_pretraining"].startswith("clean model (standard training, 2 epochs) (")
     assert row["pretraining_seconds_mean"] == pytest.approx(extra["seconds"], abs=1e-6)
     per_epoch = row["seconds_per_epoch_mean"] + extra["seconds"] / 2
-    assert row["cost_vs_at"] == pytest.approx(per_epoch / at["seconds_per_epoch_mean"], rel=1e-4)
+    assert row["cost_vs_base"] == pytest.approx(per_epoch / at["seconds_per_epoch_mean"], rel=1e-4)
     train_passes = cost["forward_passes"] + cost["backward_passes"]
     assert row["passes_mean"] == train_passes + 2 * extra["forward_passes"]
-    assert at["extra_pretraining"] == "" and at["cost_vs_at"] == 1.0
+    assert at["extra_pretraining"] == "" and at["cost_vs_base"] == 1.0
 
 
 def test_the_clean_model_budget_is_an_optional_suite_field(smoke_suite):

@@ -108,12 +108,15 @@ def test_sort_order_models_and_flags(results: Path) -> None:
 
 def test_cost_ratio_vs_at(results: Path, tmp_path: Path) -> None:
     t = quick(results)
-    assert t.loc["AT", "cost_vs_at"] == pytest.approx(1.0)
-    assert t.loc["AT+AWP", "cost_vs_at"] == pytest.approx(2.0)
-    assert t.loc["AT+AWP", "passes_vs_at"] == pytest.approx(3.0)
+    assert t.loc["AT", "cost_vs_base"] == pytest.approx(1.0)
+    assert t.loc["AT+AWP", "cost_vs_base"] == pytest.approx(2.0)
+    assert t.loc["AT+AWP", "passes_vs_base"] == pytest.approx(3.0)
+    assert set(t["cost_base"]) == {"AT"}
+    write_leaderboard(results, tmp_path / "board", plots=False)
+    assert "| cost vs AT | passes vs AT |" in (tmp_path / "board" / "leaderboard.md").read_text()
     lone = tmp_path / "lone"
     write(lone, make_record("AT+AWP", defenses=AWP))
-    assert compile_tables(load_records(lone))["quick"]["cost_vs_at"].isna().all()
+    assert compile_tables(load_records(lone))["quick"]["cost_vs_base"].isna().all()
 
 
 def test_extra_pretraining_is_shown_and_counted_in_the_cost(results: Path, tmp_path: Path) -> None:
@@ -134,10 +137,10 @@ def test_extra_pretraining_is_shown_and_counted_in_the_cost(results: Path, tmp_p
     row = t.loc["TRADES+CURE"]
     assert row["pretraining_seconds_mean"] == pytest.approx(20.0)
     assert row["seconds_per_epoch_mean"] == pytest.approx(2.0)  # the run's own epochs
-    assert row["cost_vs_at"] == pytest.approx((2.0 + 20.0 / 10) / 2.0)
-    assert row["passes_vs_at"] == pytest.approx(2500 / 2000)
+    assert row["cost_vs_base"] == pytest.approx((2.0 + 20.0 / 10) / 2.0)
+    assert row["passes_vs_base"] == pytest.approx(2500 / 2000)
     assert row["extra_pretraining"] == "clean model (standard training, 10 epochs) (20 s)"
-    assert t.loc["AT", "extra_pretraining"] == "" and t.loc["AT", "cost_vs_at"] == 1.0
+    assert t.loc["AT", "extra_pretraining"] == "" and t.loc["AT", "cost_vs_base"] == 1.0
     out = tmp_path / "out"
     write_leaderboard(results, out, plots=False)
     md = (out / "leaderboard.md").read_text()
@@ -273,9 +276,12 @@ def test_co_column_counts_seeds_and_earliest_epoch(tmp_path: Path) -> None:
     assert t.loc["FGSM-RS", "co_epoch_min"] == 9
     assert t.loc["N-FGSM", "co_seeds"] == 0 and pd.isna(t.loc["N-FGSM", "co_epoch_min"])
     assert t.loc["FGSM-RS [ema]", "co_checked"] == 0  # the curves are the trained model's
+    # no AT row on a single-step suite: the cost columns divide by plain FGSM-RS
+    assert set(t["cost_base"]) == {"FGSM-RS"} and t.loc["FGSM-RS", "cost_vs_base"] == 1.0
     write_leaderboard(res, tmp_path / "out", plots=False)
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "| best epoch | CO | seeds |" in md and "*CO*: catastrophic overfitting" in md
+    assert "| best epoch | CO | seeds | cost vs FGSM-RS | passes vs FGSM-RS |" in md
+    assert "*CO*: catastrophic overfitting" in md
     lines = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| ")}
     assert "| 2/3 @ep 9 |" in lines["FGSM-RS"]
     assert "| – | 3/3 |" in lines["N-FGSM"] and "| – | 3/3 |" in lines["FGSM-RS [ema]"]
@@ -327,9 +333,9 @@ def test_cost_uses_cpu_seconds_when_every_run_has_them(tmp_path: Path) -> None:
     write(both, with_cpu(make_record("AT", spe=4.0), 1.0))  # wall inflated by other jobs
     write(both, with_cpu(make_record("AT+AWP", defenses=AWP, spe=2.0), 1.5))
     table = compile_tables(load_records(both))["quick"].set_index("row")
-    assert table.loc["AT+AWP", "cost_vs_at"] == pytest.approx(1.5)
+    assert table.loc["AT+AWP", "cost_vs_base"] == pytest.approx(1.5)
     mixed = tmp_path / "mixed"
     write(mixed, make_record("AT", spe=4.0))
     write(mixed, with_cpu(make_record("AT+AWP", defenses=AWP, spe=2.0), 1.5))
     table = compile_tables(load_records(mixed))["quick"].set_index("row")
-    assert table.loc["AT+AWP", "cost_vs_at"] == pytest.approx(0.5)
+    assert table.loc["AT+AWP", "cost_vs_base"] == pytest.approx(0.5)
