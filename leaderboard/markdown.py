@@ -18,11 +18,12 @@ LEGEND = (
     "*cost vs BASE*: mean training seconds per epoch relative to the suite's plain base row "
     "(PGD-AT, the `AT` row, where the suite has one; otherwise the first of TRADES, FGSM-RS, "
     "N-FGSM and standard training that it has) (process CPU seconds when every run of the "
-    "suite recorded them, as CPU runs do, so that other jobs on the machine do not distort the ratio; wall seconds "
-    "otherwise), any extra pretraining (a clean model a warm start needs) included, its "
-    "seconds spread over the run's epochs; *passes vs BASE*: forward + backward passes relative "
-    "to the base row, extra pretraining included. *extra pretraining*: what a row trained "
-    "besides its own run, with its mean seconds (charged in full to every row that uses it). "
+    "suite recorded them, as CPU runs do, so that other jobs on the machine do not distort "
+    "the ratio; wall seconds otherwise), any extra pretraining (a clean model a warm start "
+    "needs) included, its seconds spread over the run's epochs; *passes vs BASE*: forward + "
+    "backward passes relative to the base row, extra pretraining included. *extra "
+    "pretraining*: what a row trained besides its own run, with its mean seconds (charged "
+    "in full to every row that uses it). "
     "*flags*: sanity checks that fired on some seed or checkpoint. "
     "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
 )
@@ -103,7 +104,8 @@ def suite_markdown(table: pd.DataFrame) -> str:
                     "autoattack_last", "gap_pgd20", "gap_autoattack"):
             cells.append(pct(r[f"{col}_mean"], r[f"{col}_std"]))
         cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
-        cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]), r["flags"] or DASH]
+        cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]),
+                  r["flags"] or DASH]
         cells += [r["extra_pretraining"] or DASH] if extra else []
         rows.append(cells)
     out += [md_table(headers, rows), "", LEGEND + (" " + CO_LEGEND if co else ""), ""]
