@@ -29,6 +29,7 @@ from bench.config import (  # noqa: E402
     METHODS,
     ConfigError,
     RunSpec,
+    check_method,
     load_suite,
     parse_defense_arg,
 )
@@ -41,6 +42,8 @@ def plan(suite_name: str, defenses: list[str] | None, methods: list[str] | None,
     suite = load_suite(suite_name)
     seeds = seeds if seeds is not None else list(suite.seeds)
     methods = methods if methods is not None else list(suite.methods)
+    for method in methods:
+        check_method(method)  # a clear error before the plan looks up the method's kind
     combos: list[tuple[str, tuple]] = [(m, ()) for m in methods]
     registry = list_defenses()
     for entry in defenses if defenses is not None else list(registry):

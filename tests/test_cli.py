@@ -138,7 +138,7 @@ def test_full_evaluation_runs_each_defense_with_the_suite_methods_it_composes_wi
 
 
 def test_a_defense_for_another_method_of_the_same_kind_runs_with_its_own_baseline(capsys):
-    from bench.config import METHOD_KIND, METHODS
+    from bench.config import METHOD_KIND, METHODS, ConfigError
 
     assert set(METHOD_KIND) == set(METHODS)
     plan = _plan()
@@ -149,6 +149,8 @@ def test_a_defense_for_another_method_of_the_same_kind_runs_with_its_own_baselin
         "AT", "AT", "TRADES+CURE", "TRADES+CURE", "TRADES", "TRADES"]
     # no stand-in of the suite's kind: LAP (single-step) on a multi-step suite is skipped
     assert not any("LAP" in r for r in rows)
+    with pytest.raises(ConfigError, match="unknown method 'bogus'"):
+        plan("fmnist-quick", ["cure"], ["bogus"], [0])
 
 
 def test_leaderboard_without_records_is_a_clear_error(tmp_path, capsys):
