@@ -3,6 +3,7 @@
     robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
     robench evaluate RUN_DIR
     robench leaderboard [--results DIR] [--out DIR]
+    robench recheck-co [--results DIR] [--dry-run]
     robench list
 """
 
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results", default="results")
     lb.add_argument("--out", default=None, help="output folder (default: RESULTS/leaderboard)")
 
+    co = sub.add_parser("recheck-co", help="re-apply the current catastrophic-overfitting rule "
+                        "to existing records, from the curves they store (no retraining)")
+    co.add_argument("--results", default="results")
+    co.add_argument("--dry-run", action="store_true", help="report changes, write nothing")
+
     sub.add_parser("list", help="suites, methods and defenses with their cards")
     return parser
 
@@ -109,6 +115,44 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recheck_co(args: argparse.Namespace) -> int:
+    from bench.overfitting import RULE_KEY, RULE_VERSION, recheck_record
+    from bench.records import write_json_atomic
+    from leaderboard.records import RECORD_NAME, how_to_make_records
+
+    root = Path(args.results)
+    paths = sorted(root.rglob(RECORD_NAME)) if root.is_dir() else []
+    if not paths:
+        raise RecordError(how_to_make_records(root))
+    changed = updated = skipped = 0
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+            rule_before = record.get(RULE_KEY)
+            old, new = recheck_record(record)
+        except (ValueError, AttributeError) as exc:  # unreadable JSON or no curves
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            skipped += 1
+            continue
+        if old == new and rule_before == RULE_VERSION:
+            continue
+        if old != new:
+            changed += 1
+            print(f"{record.get('row_name', '?')} seed {record.get('spec', {}).get('seed')}: "
+                  f"CO epoch {_co_text(old)} -> {_co_text(new)} ({path})")
+        updated += 1
+        if not args.dry_run:
+            write_json_atomic(path, record)
+    verb = "would update" if args.dry_run else "updated"
+    print(f"{len(paths)} record(s) checked with CO rule v{RULE_VERSION}: {verb} {updated} "
+          f"({changed} verdict(s) changed), {skipped} skipped")
+    return 0
+
+
+def _co_text(verdict: dict | None) -> str:
+    return "none" if not verdict else str(verdict.get("epoch"))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from defenses.base import list_defenses
 
@@ -130,7 +174,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "leaderboard": cmd_leaderboard,
-            "list": cmd_list}
+            "recheck-co": cmd_recheck_co, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

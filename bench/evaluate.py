@@ -25,6 +25,8 @@ from bench.config import RunSpec, Suite
 from bench.data import Splits
 from bench.engine import Trainer, collect_eval_models, derive_seed, pick_device
 from bench.overfitting import FGSM_KEY, catastrophic_overfitting_field
+from bench.overfitting import RULE_KEY as CO_RULE_KEY
+from bench.overfitting import RULE_VERSION as CO_RULE_VERSION
 from bench.records import (
     RecordError,
     device_description,
@@ -214,6 +216,7 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
         "history": {"best_epoch": last["best"]["epoch"], "epochs": suite.train.epochs,
                     "best_val_robust": last["best"]["val_robust"], "curves": curves},
         "catastrophic_overfitting": catastrophic_overfitting_field(history),
+        CO_RULE_KEY: CO_RULE_VERSION,
         "cost": {"train_seconds": float(last["seconds"]),
                  "seconds_per_epoch": [row["seconds"] for row in history],
                  "cpu_seconds_per_epoch": (

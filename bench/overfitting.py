@@ -37,7 +37,10 @@ CO from a large, sudden robust-overfitting drop; the result's `rule` says which 
 Run records therefore carry a CO result only when the FGSM curve exists
 (`catastrophic_overfitting_field`).
 
-Plain Python on purpose (no torch): the rule can be re-applied to any history.
+Plain Python on purpose (no torch): the rule can be re-applied to any history. Records
+carry the rule's version (`RULE_VERSION`) next to the verdict; when the rule changes,
+`robench recheck-co` re-applies the current one to existing records from the curves they
+store (`recheck_record`), without retraining or re-attacking.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ PGD_FLOOR_REACHED = 0.10  # PGD-only mode: the floor counts once PGD had reached
 FGSM_MAX_FALL = 0.10  # FGSM "stays high": at most this below its value at the PGD peak
 FGSM_MIN_GAP = 0.20  # ... and at least this above the PGD accuracy of the same epoch
 PERSIST_EPOCHS = 2  # the conditions must hold for this many consecutive epochs
+
+# Version of the rule above, stored in every record as `catastrophic_overfitting_rule`.
+# 1: FGSM "stayed high" meant at least its own running maximum minus 0.10 (missed collapses
+#    whose FGSM accuracy oscillates). 2: measured against FGSM at the PGD peak (current).
+RULE_VERSION = 2
+RULE_KEY = "catastrophic_overfitting_rule"
+RECORD_KEY = "catastrophic_overfitting"
 
 PGD_KEY = "val_robust"
 FGSM_KEY = "val_fgsm"
@@ -151,3 +161,29 @@ def catastrophic_overfitting_field(history: Sequence[dict]) -> dict | None:
         return None
     event = detect_catastrophic_overfitting(history)
     return None if event is None else event.to_dict()
+
+
+def history_from_curves(curves: dict[str, list]) -> list[dict]:
+    """Rebuild per-epoch history rows from a record's `history.curves` (column lists)."""
+    lengths = {len(values) for values in curves.values() if isinstance(values, list)}
+    if len(lengths) != 1:
+        raise ValueError(f"record curves have unequal or no columns (lengths {sorted(lengths)})")
+    (length,) = lengths
+    return [{key: values[i] for key, values in curves.items()} for i in range(length)]
+
+
+def recheck_record(record: dict) -> tuple[dict | None, dict | None]:
+    """Re-apply the current CO rule to a run record, in place, from its stored curves.
+
+    Sets the record's verdict and `catastrophic_overfitting_rule` (= RULE_VERSION).
+    Returns (old verdict, new verdict). Raises ValueError when the record has no usable
+    curves (nothing is changed then).
+    """
+    curves = (record.get("history") or {}).get("curves")
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError("record has no history.curves to re-check")
+    new = catastrophic_overfitting_field(history_from_curves(curves))
+    old = record.get(RECORD_KEY)
+    record[RECORD_KEY] = new
+    record[RULE_KEY] = RULE_VERSION
+    return old, new

@@ -17,6 +17,7 @@ METRICS = ("clean", "pgd20", "cw20", "autoattack")
 CHECKPOINTS = ("best", "last")
 RECORD_NAME = "record.json"
 CO_KEY = "catastrophic_overfitting"  # optional: null, or {epoch, val_pgd, val_fgsm, ...}
+CO_RULE_KEY = "catastrophic_overfitting_rule"  # optional: version of the rule behind CO_KEY
 
 
 class LeaderboardWarning(UserWarning):

@@ -18,6 +18,7 @@ import pandas as pd
 from leaderboard.records import (
     CHECKPOINTS,
     CO_KEY,
+    CO_RULE_KEY,
     METRICS,
     LeaderboardWarning,
     canonical,
@@ -89,9 +90,32 @@ def deduplicate(records: list[dict]) -> list[dict]:
     return list(kept.values())
 
 
+def warn_mixed_co_rules(key: str, records: list[dict]) -> None:
+    """Warn when a suite's CO verdicts come from different versions of the detector rule
+    (`catastrophic_overfitting_rule`; absent in records older than the versioning), so
+    that no column silently mixes verdicts made under different rules."""
+    checked = [r for r in records if "val_fgsm" in ((r.get("history") or {}).get("curves") or {})]
+    versions = {r.get(CO_RULE_KEY) for r in checked}
+    if len(versions) < 2:
+        return
+    counts = ", ".join(
+        f"{sum(r.get(CO_RULE_KEY) == v for r in checked)} with "
+        f"{'no rule version' if v is None else f'rule v{v}'}"
+        for v in sorted(versions, key=lambda v: (v is not None, v)))
+    warnings.warn(
+        f"suite {key!r}: catastrophic-overfitting verdicts were made under different detector "
+        f"rules ({counts}); run `robench recheck-co --results <results folder>` to re-apply "
+        "the current rule to every record from its stored curves", LeaderboardWarning,
+        stacklevel=3)
+
+
 def prepare(records: list[dict]) -> dict[str, list[dict]]:
-    """Split records by suite key, then deduplicate each group."""
-    return {key: deduplicate(recs) for key, recs in split_by_suite(records).items()}
+    """Split records by suite key, then deduplicate each group (warning about mixed CO
+    rule versions)."""
+    groups = {key: deduplicate(recs) for key, recs in split_by_suite(records).items()}
+    for key, recs in groups.items():
+        warn_mixed_co_rules(key, recs)
+    return groups
 
 
 def _defenses_text(spec: dict) -> str:

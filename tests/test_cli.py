@@ -159,3 +159,36 @@ def test_leaderboard_without_records_is_a_clear_error(tmp_path, capsys):
     assert "no usable run records" in err and "Traceback" not in err
     assert main(["leaderboard", "--results", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_recheck_co_reapplies_the_current_rule_to_stored_curves(tmp_path, capsys):
+    from bench.overfitting import RULE_KEY, RULE_VERSION
+
+    # a collapse whose FGSM accuracy oscillates: the first rule version missed it
+    curves = {"epoch": [1, 2, 3, 4, 5, 6], "val_robust": [0.30, 0.40, 0.02, 0.01, 0.00, 0.01],
+              "val_fgsm": [0.45, 0.50, 0.97, 0.45, 0.90, 0.50]}
+    stale = {"row_name": "FGSM-RS", "spec": {"seed": 0}, "history": {"curves": curves},
+             "catastrophic_overfitting": None, "metrics": {"model": {}}}
+    path = tmp_path / "fast" / "run0" / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(stale))
+    no_curves = tmp_path / "fast" / "run1" / "record.json"
+    no_curves.parent.mkdir()
+    no_curves.write_text(json.dumps({"history": {}}))
+
+    assert main(["recheck-co", "--results", str(tmp_path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "FGSM-RS seed 0: CO epoch none -> 3" in captured.out
+    assert "would update 1 (1 verdict(s) changed), 1 skipped" in captured.out
+    assert f"skipped {no_curves}" in captured.err
+    assert json.loads(path.read_text()) == stale  # dry run: nothing written
+
+    assert main(["recheck-co", "--results", str(tmp_path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["catastrophic_overfitting"]["epoch"] == 3
+    assert record[RULE_KEY] == RULE_VERSION and record["metrics"] == stale["metrics"]
+    assert main(["recheck-co", "--results", str(tmp_path)]) == 0  # idempotent
+    assert "updated 0 (0 verdict(s) changed)" in capsys.readouterr().out
+
+    assert main(["recheck-co", "--results", str(tmp_path / "missing")]) == 2
+    assert "no usable run records" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -339,3 +340,20 @@ def test_cost_uses_cpu_seconds_when_every_run_has_them(tmp_path: Path) -> None:
     write(mixed, with_cpu(make_record("AT+AWP", defenses=AWP, spe=2.0), 1.5))
     table = compile_tables(load_records(mixed))["quick"].set_index("row")
     assert table.loc["AT+AWP", "cost_vs_base"] == pytest.approx(0.5)
+
+
+def test_mixed_co_rule_versions_are_warned_about(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    write(res, co_record("FGSM-RS", "fgsm_rs", 0, 2))
+    newer = co_record("FGSM-RS", "fgsm_rs", 1, None)
+    newer["catastrophic_overfitting_rule"] = 2
+    write(res, newer)
+    with pytest.warns(LeaderboardWarning, match=r"different detector rules \(1 with no rule "
+                      r"version, 1 with rule v2\).*robench recheck-co"):
+        compile_tables(load_records(res))
+    old = co_record("FGSM-RS", "fgsm_rs", 0, 2)
+    old["catastrophic_overfitting_rule"] = 2
+    write(res, old)  # re-checked (same file): every record on one rule, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LeaderboardWarning)
+        compile_tables(load_records(res))

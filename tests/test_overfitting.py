@@ -16,8 +16,12 @@ from bench.overfitting import (
     PGD_DROP,
     PGD_FLOOR,
     PGD_FLOOR_REACHED,
+    RULE_KEY,
+    RULE_VERSION,
     catastrophic_overfitting_field,
     detect_catastrophic_overfitting,
+    history_from_curves,
+    recheck_record,
 )
 from bench.records import read_history, write_history
 
@@ -198,6 +202,7 @@ def test_record_carries_catastrophic_overfitting(tmp_path, smoke_suite, smoke_sp
     record = evaluate_run(run, suite, smoke_splits, device=cpu, progress=False)
     assert record["catastrophic_overfitting"]["epoch"] == 2
     assert record["catastrophic_overfitting"]["val_fgsm"] == 0.75
+    assert record[RULE_KEY] == RULE_VERSION
     assert record["history"]["curves"]["val_fgsm"] == [0.40, 0.75, 0.78]
 
 
@@ -216,3 +221,37 @@ def test_the_record_field_is_checked_only_with_an_fgsm_curve():
     with_fgsm = history([0.30, 0.40, 0.01, 0.01, 0.01], [0.40, 0.50, 0.55, 0.60, 0.62])
     field = catastrophic_overfitting_field(with_fgsm)
     assert field is not None and field["epoch"] == 3
+
+
+def curves_of(rows: list[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+# FGSM oscillates after the collapse: rule v1 (FGSM vs its own running maximum) missed it
+OSCILLATING = history([0.30, 0.40, 0.02, 0.01, 0.00, 0.01],
+                      [0.45, 0.50, 0.97, 0.45, 0.90, 0.50])
+
+
+def test_history_from_curves_inverts_the_record_curves():
+    from bench.evaluate import record_curves
+
+    rows = history_from_curves(record_curves(OSCILLATING))
+    assert [{k: row[k] for k in OSCILLATING[0]} for row in rows] == OSCILLATING
+    assert rows[0]["lr"] is None  # a curve the history lacks comes back as None
+    with pytest.raises(ValueError, match="unequal"):
+        history_from_curves({"epoch": [1, 2], "val_robust": [0.3]})
+
+
+def test_recheck_updates_a_stale_verdict_and_stamps_the_rule():
+    record = {"history": {"curves": curves_of(OSCILLATING)}, "catastrophic_overfitting": None}
+    old, new = recheck_record(record)
+    assert old is None and new["epoch"] == 3
+    assert record["catastrophic_overfitting"] == new and record[RULE_KEY] == RULE_VERSION
+    assert recheck_record(record) == (new, new)  # idempotent
+
+
+def test_recheck_without_curves_is_an_error_and_changes_nothing():
+    record = {"history": {"best_epoch": 3}, "catastrophic_overfitting": {"epoch": 2}}
+    with pytest.raises(ValueError, match="no history.curves"):
+        recheck_record(record)
+    assert record == {"history": {"best_epoch": 3}, "catastrophic_overfitting": {"epoch": 2}}
