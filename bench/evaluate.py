@@ -4,10 +4,11 @@ For every model in `eval_models`, at the best and at the last checkpoint, in
 `eval()` mode and fp32: clean accuracy, PGD-20 (CE, step eps/4, random start),
 CW-inf-20 (margin loss) and AutoAttack (official `pyautoattack`), on the suite's
 evaluation set. Sanity flags: AutoAttack's own warnings, PGD at a huge epsilon
-must reach ~0, more PGD steps must not raise accuracy, and a large
-PGD-vs-AutoAttack gap. The record also carries `catastrophic_overfitting`: None,
-or the first epoch flagged by `bench.overfitting` from the per-epoch curves (checked
-only for runs with the FGSM curve, i.e. on the single-step suites).
+must reach ~0, more PGD steps must not raise accuracy, a large
+PGD-vs-AutoAttack gap, and clean accuracy near chance (the model did not train).
+The record also carries `catastrophic_overfitting`: None, or the first epoch flagged
+by `bench.overfitting` from the per-epoch curves (checked only for runs with the FGSM
+curve, i.e. on the single-step suites).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bench.records import (
 HUGE_EPS = 0.5  # PGD at this radius must drive accuracy to ~0
 HUGE_EPS_MAX_ACC = 0.05
 AA_GAP_FLAG = 0.10  # PGD-20 minus AutoAttack above this fires a flag
+NEAR_CHANCE_MARGIN = 0.05  # clean accuracy at most 1/classes + this: the model did not train
 SANITY_IMAGES = 100
 
 
@@ -49,7 +51,8 @@ def _seeded(seed: int, device: torch.device) -> torch.Generator:
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
-                   seed: int, label: str, progress: bool) -> tuple[dict, list[dict], dict]:
+                   seed: int, label: str, progress: bool,
+                   num_classes: int) -> tuple[dict, list[dict], dict]:
     """Metrics (fractions), fired sanity flags and AutoAttack details of one model."""
     e, eps = suite.eval, suite.train.eps
     device = x.device
@@ -58,6 +61,11 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
     bar = (lambda name: f"{label} {name}") if progress else (lambda name: None)
     metrics: dict = {"n": len(y)}
     metrics["clean"] = clean_accuracy(model, x, y, batch_size=e.batch_size)
+    if metrics["clean"] <= 1 / num_classes + NEAR_CHANCE_MARGIN:
+        flags.append({"check": "near_chance", "message": (
+            f"clean accuracy {metrics['clean']:.3f} is within {NEAR_CHANCE_MARGIN:.2f} of "
+            f"chance (1/{num_classes}): the model did not learn, so its robust accuracy and "
+            "best-to-last gap say nothing about robust overfitting")})
     pgd_correct = correct_under_pgd(model, x, y, eps, e.pgd_step_ratio * eps, e.pgd_steps,
                                     e.batch_size, _seeded(seed, device), bar("PGD-20"))
     metrics["pgd20"] = pgd_correct.float().mean().item()
@@ -170,7 +178,8 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
         for name, module in models.items():
             label = f"[{tag} epoch {ckpt['epoch']}] {name}"
             m, f, aa = evaluate_model(module, x, y, suite,
-                                      derive_seed(spec.seed, "eval") % (2**31), label, progress)
+                                      derive_seed(spec.seed, "eval") % (2**31), label, progress,
+                                      num_classes=splits.info.num_classes)
             metrics.setdefault(name, {})[tag] = m
             flags += [{**flag, "model": name, "checkpoint": tag} for flag in f]
             autoattack[f"{name}.{tag}"] = aa

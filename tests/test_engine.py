@@ -229,6 +229,50 @@ def test_history_and_record_state_the_cpu_thread_count(tmp_path, smoke_suite, sm
     assert record["cost"]["train_cpu_threads"] == [1]
 
 
+class ConstantPredictor(torch.nn.Module):
+    """The uniform predictor: the same logits for every input (what an untrained run
+    collapses to); a dummy parameter keeps the attacks' input gradients defined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), 10, device=x.device)
+        logits[:, 3] = 1.0
+        return logits + self.scale * x.flatten(1).mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("model_kind", ["constant", "trained"])
+def test_a_model_at_chance_is_flagged(model_kind, smoke_suite, smoke_splits):
+    from dataclasses import replace
+
+    from conftest import fit_briefly
+
+    from bench.evaluate import evaluate_model
+    from bench.models import build_model
+
+    suite = replace(smoke_suite, eval=replace(smoke_suite.eval, autoattack="none",
+                                              sanity_checks=False, pgd_steps=2, cw_steps=2))
+    x = smoke_splits.test.x.float() / 255
+    y = smoke_splits.test.y
+    if model_kind == "constant":
+        model = ConstantPredictor()
+    else:
+        torch.manual_seed(0)
+        model = build_model(suite.model, smoke_splits.info)
+        train_x = smoke_splits.train.x.float() / 255
+        fit_briefly(model, train_x, smoke_splits.train.y, torch.Generator().manual_seed(0),
+                    epochs=10)
+    metrics, flags, _ = evaluate_model(model, x, y, suite, 0, "m", False, num_classes=10)
+    near_chance = [f for f in flags if f["check"] == "near_chance"]
+    if model_kind == "constant":
+        assert metrics["clean"] == pytest.approx((y == 3).float().mean().item())
+        assert len(near_chance) == 1 and "did not learn" in near_chance[0]["message"]
+    else:
+        assert metrics["clean"] > 0.3 and not near_chance
+
+
 class ReplacesBatchWantsCleanLogits(Defense):
     """Replaces the batch in before_attack (as an augmentation defense does) and asks
     for clean logits."""
