@@ -94,7 +94,7 @@ def warn_mixed_co_rules(key: str, records: list[dict]) -> None:
     """Warn when a suite's CO verdicts come from different versions of the detector rule
     (`catastrophic_overfitting_rule`; absent in records older than the versioning), so
     that no column silently mixes verdicts made under different rules."""
-    checked = [r for r in records if "val_fgsm" in ((r.get("history") or {}).get("curves") or {})]
+    checked = [r for r in records if _has_fgsm_curve(r)]
     versions = {r.get(CO_RULE_KEY) for r in checked}
     if len(versions) < 2:
         return
@@ -164,14 +164,15 @@ def _seconds_per_epoch(rec: dict, clock: str = "wall") -> float:
     return train / epochs if epochs and epochs > 0 else math.nan
 
 
+def _has_fgsm_curve(rec: dict) -> bool:
+    """The record carries the FGSM curve the CO detector reads (a CO-checked run)."""
+    return "val_fgsm" in ((rec.get("history") or {}).get("curves") or {})
+
+
 def has_co_data(records: list[dict]) -> bool:
     """True when a suite's table gets the CO columns: some record flags catastrophic
     overfitting, or some record carries the FGSM curve (`val_fgsm`) the detector uses."""
-    for rec in records:
-        curves = (rec.get("history") or {}).get("curves") or {}
-        if rec.get(CO_KEY) is not None or "val_fgsm" in curves:
-            return True
-    return False
+    return any(rec.get(CO_KEY) is not None or _has_fgsm_curve(rec) for rec in records)
 
 
 def _co_epoch(rec: dict) -> float:
