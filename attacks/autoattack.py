@@ -29,8 +29,9 @@ from importlib.metadata import version as package_version
 from typing import Any, TextIO
 
 import torch
-from pyautoattack import AutoAttack
+from pyautoattack import AutoAttack, checks
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.square import SquareAttack
 from torch import nn
 
 from .pgd import clean_accuracy
@@ -46,13 +47,45 @@ REDUCED_N_ITER = 20
 REDUCED_N_TARGET_CLASSES = 3
 LOGGER_NAME = "auto-attack"
 
+ATTACK_LABELS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+# AutoAttack's own reliability messages -> the name each gets as a flag (first match wins)
+WARNING_KINDS = (
+    ("randomized defense", "aa_randomized"),
+    ("probability distribution", "aa_softmax_output"),
+    ("zero gradient", "aa_zero_gradients"),
+    ("Square Attack has decreased", "aa_square"),
+    ("dynamic defense", "aa_dynamic"),
+    ("target classes", "aa_n_classes"),
+    ("not possible to use", "aa_n_classes"),
+    ("robench: a fresh forward pass", "aa_recheck"),
+    ("robench: x_adv leaves", "aa_bound"),
+)
+
 __all__ = [
+    "ATTACK_LABELS",
     "STANDARD_ATTACKS",
     "AutoAttackResult",
+    "attack_set_label",
     "autoattack_settings",
     "build_autoattack",
+    "classify_warning",
     "run_autoattack",
+    "square_robust",
 ]
+
+
+def classify_warning(message: str) -> str:
+    """The flag name of one of AutoAttack's (or this adapter's) warnings."""
+    return next((kind for text, kind in WARNING_KINDS if text in message), "aa_other")
+
+
+def attack_set_label(version: str) -> str:
+    """'AutoAttack' for the standard version, else the attacks it runs ('APGD-CE+APGD-T')."""
+    if version == "standard":
+        return "AutoAttack"
+    attacks = APGD_ATTACKS if version == "apgd" else REDUCED_ATTACKS
+    label = "+".join(ATTACK_LABELS[a] for a in attacks)
+    return label + (" (reduced)" if version == "reduced" else "")
 
 
 @dataclass
@@ -62,6 +95,7 @@ class AutoAttackResult:
     robust_accuracy: float
     clean_accuracy: float
     x_adv: torch.Tensor
+    robust: torch.Tensor  # per image: still correct after every attack (bool)
     log: str
     warnings: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -262,6 +296,10 @@ def run_autoattack(
     warn_handler = _WarningCollector()
     old_level, old_propagate = logger.level, logger.propagate
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # the dynamic-defense check counts calls in a module-global dict that is never reset:
+    # once one model fired it, every later model in the process would be flagged
+    for key in checks.funcs:
+        checks.funcs[key] = 0
     start = time.perf_counter()
     try:
         logger.addHandler(log_handler)
@@ -292,7 +330,8 @@ def run_autoattack(
 
     found = list(warn_handler.messages)
     found += [f"{w.category.__name__}: {w.message}" for w in caught]
-    robust = (y_adv.to(y.device) == y).sum().item() / len(y) if len(y) else 0.0
+    flags = y_adv.to(y.device) == y
+    robust = flags.sum().item() / len(y) if len(y) else 0.0
     if abs(recheck - robust) > 0.5 / max(len(y), 1):  # differ by at least one image
         found.append(
             f"robench: a fresh forward pass on the returned x_adv gives {recheck:.4f} "
@@ -309,8 +348,34 @@ def run_autoattack(
         robust_accuracy=robust,
         clean_accuracy=clean,
         x_adv=x_adv.detach(),
+        robust=flags,
         log=buffer.getvalue(),
         warnings=found,
         settings=settings,
         seconds=seconds,
     )
+
+
+def square_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                  n_queries: int, seed: int, batch_size: int = 500) -> torch.Tensor:
+    """Per image: still correct after the official Square attack (L-inf, margin loss, the
+    standard version's p_init 0.8 and schedule, one restart) with `n_queries` queries: the
+    first `n_queries` of AutoAttack's own Square. Gradient-free, so a model whose gradients
+    are useless cannot hide from it. fp32, eval mode, global RNG restored."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
+    out = []
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+        stack.enter_context(_frozen_eval(model))
+        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        stack.enter_context(torch.no_grad())
+        attack = SquareAttack(model, p_init=0.8, n_queries=n_queries, eps=eps, norm="Linf",
+                              n_restarts=1, seed=seed, verbose=False, device=device,
+                              resc_schedule=False)
+        for i in range(0, len(y), batch_size):
+            xb = x[i:i + batch_size].detach().float().to(device)
+            yb = y[i:i + batch_size].to(device)
+            adv = attack.perturb(xb, yb)
+            out.append(model(adv).argmax(1) == yb)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)

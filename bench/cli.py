@@ -2,9 +2,14 @@
 
     robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
     robench evaluate RUN_DIR
-    robench leaderboard [--results DIR] [--out DIR]
+    robench verify [RESULTS] [--reevaluate K]
+    robench check PATH.py:Class | NAME
+    robench leaderboard [--results DIR] [--out DIR] [--strict]
     robench recheck-co [--results DIR] [--dry-run]
     robench list
+
+Importing this module imports no defense code: `run` trains in a child process, and
+`evaluate` (the process the runner starts) never touches a defense.
 """
 
 from __future__ import annotations
@@ -14,15 +19,14 @@ import json
 import sys
 from pathlib import Path
 
-from bench.config import METHODS, ConfigError, RunSpec, list_suites, load_suite, parse_defense_arg
-from bench.data import DataNotFoundError
-from bench.engine import NonFiniteLossError, RunMismatchError
+from bench.config import METHODS, RunSpec, Suite, list_suites, load_suite, parse_defense_arg
 from bench.records import RecordError
-from leaderboard.records import RecordsNotFoundError
+from bench.worker import USER_ERRORS as CHILD_USER_ERRORS
+from bench.worker import child_main
+from leaderboard.records import InvalidRecordError, RecordsNotFoundError
 
 # errors with a message written for the user: printed without a traceback, exit code 2
-USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, NonFiniteLossError,
-               RecordsNotFoundError)
+USER_ERRORS = (*CHILD_USER_ERRORS, RecordsNotFoundError, InvalidRecordError)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +35,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder (default: $ROBENCH_DATA or ~/.cache/robench/data)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the training and evaluation processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
     ev.add_argument("run_dir")
     ev.add_argument("--suite", default=None, help="suite file, if not a built-in suite")
+    ev.add_argument("--suite-json", default=None, help=argparse.SUPPRESS)  # '-': stdin
     ev.add_argument("--data-root", default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--threads", type=int, default=None, help="CPU threads")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--error-file", default=None, help=argparse.SUPPRESS)
+
+    ve = sub.add_parser("verify", help="validate every record under RESULTS against its "
+                        "schema and its checkpoints; optionally re-evaluate some")
+    ve.add_argument("results", nargs="?", default="results")
+    ve.add_argument("--reevaluate", type=int, default=0, metavar="K",
+                    help="re-evaluate K records (chosen at random) and compare the numbers")
+    ve.add_argument("--seed", type=int, default=0, help="which K records (default 0)")
+    ve.add_argument("--data-root", default=None)
+    ve.add_argument("--device", default=None)
+
+    ch = sub.add_parser("check", help="the submission gate: static and dynamic checks of a "
+                        "defense (PATH.py:Class or a registered name)")
+    ch.add_argument("defense", help="path/to/file.py:Class, or a registered name")
+    ch.add_argument("--static-only", action="store_true", help="skip the smoke-suite runs")
 
     lb = sub.add_parser("leaderboard", help="compile every record.json into tables")
     lb.add_argument("--results", default="results")
     lb.add_argument("--out", default=None, help="output folder (default: RESULTS/leaderboard)")
+    lb.add_argument("--strict", action="store_true",
+                    help="an invalid record is an error (default: left out with a warning)")
 
     co = sub.add_parser("recheck-co", help="re-apply the current catastrophic-overfitting rule "
                         "to existing records, from the curves they store (no retraining)")
@@ -65,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--dry-run", action="store_true", help="report changes, write nothing")
 
     sub.add_parser("list", help="suites, methods and defenses with their cards")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="show the traceback of an error")
     return parser
 
 
@@ -76,32 +104,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     seed = suite.seeds[0] if args.seed is None else args.seed
     spec = RunSpec(suite=suite.name, method=args.method, defenses=defenses, seed=seed)
     result = run_one(spec, Path(args.results), data_root=args.data_root, device=args.device,
-                     progress=not args.quiet, suite=suite)
+                     progress=not args.quiet, suite=suite, threads=args.threads,
+                     debug=args.debug)
     record = json.loads(result.record_path.read_text())
     m = record["metrics"]["model"]
     aa = m["last"].get("autoattack")
+    label = record["evaluation"]["autoattack"].get("label") or "AutoAttack"
     print(f"{spec.row_name} seed {spec.seed}: last clean {m['last']['clean']:.4f}, "
-          f"PGD-20 {m['last']['pgd20']:.4f}, AutoAttack "
-          f"{'n/a' if aa is None else f'{aa:.4f}'}; best epoch "
+          f"PGD-20 {m['last']['pgd20']:.4f}, {label} {'n/a' if aa is None else f'{aa:.4f}'}, "
+          f"worst case {m['last']['worst_case']:.4f}; best epoch "
           f"{record['history']['best_epoch']}")
+    marks = [f"{f['check']} ({f['model']}, {f['checkpoint']})" for f in record["flags"]
+             if f["level"] != "note"]
+    if marks:
+        print("flags: " + ", ".join(marks))
     print(f"record: {result.record_path}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bench.engine import pick_device
-    from bench.evaluate import evaluate_run
-    from bench.runner import splits_for
+    def evaluate() -> None:
+        import torch
 
-    run_dir = Path(args.run_dir)
-    spec_path = run_dir / "spec.json"
-    if not spec_path.exists():
-        raise RecordError(f"{run_dir} is not a run folder (no spec.json)")
-    spec = RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
-    suite = load_suite(args.suite or spec.suite)
-    evaluate_run(run_dir, suite, splits_for(suite, args.data_root),
-                 device=pick_device(args.device), progress=not args.quiet)
-    print(f"record: {run_dir / 'record.json'}")
+        from bench.curves import pick_device
+        from bench.data import build_splits
+        from bench.evaluate import evaluate_run
+
+        run_dir = Path(args.run_dir)
+        spec_path = run_dir / "spec.json"
+        if not spec_path.exists():
+            raise RecordError(f"{run_dir} is not a run folder (no spec.json)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.suite_json == "-":  # the launcher's suite, on stdin
+            suite = Suite.from_dict(json.loads(sys.stdin.read()))
+        else:
+            spec = RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
+            suite = load_suite(args.suite or spec.suite)
+        splits = build_splits(suite.data, args.data_root, suite.curves.size, with_test=True)
+        evaluate_run(run_dir, suite, splits, device=pick_device(args.device),
+                     progress=not args.quiet)
+        print(f"record: {run_dir / 'record.json'}")
+
+    if args.error_file:  # started by the launcher: its protocol
+        return child_main(evaluate, args.error_file, args.debug)
+    evaluate()
     return 0
 
 
@@ -109,7 +156,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard.compile import write_leaderboard
 
     out = Path(args.out) if args.out else Path(args.results) / "leaderboard"
-    paths = write_leaderboard(Path(args.results), out)
+    paths = write_leaderboard(Path(args.results), out, strict=args.strict)
     for path in paths:
         print(path)
     return 0
@@ -173,8 +220,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "leaderboard": cmd_leaderboard,
-            "recheck-co": cmd_recheck_co, "list": cmd_list}
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bench.verify import verify_results
+
+    return verify_results(Path(args.results), reevaluate=args.reevaluate, seed=args.seed,
+                          data_root=args.data_root, device=args.device)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.check import check_defense
+
+    return check_defense(args.defense, dynamic=not args.static_only)
+
+
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "verify": cmd_verify, "check": cmd_check,
+            "leaderboard": cmd_leaderboard, "recheck-co": cmd_recheck_co, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
+        if args.debug:
+            raise
         print(f"robench: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"robench: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ class CleanModelConfig:
 # HASH_OPTIONAL_SECTIONS is left out as a whole once all its fields are left out.
 HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
                                                      ("data", "injected_feature"),
-                                                     ("clean_model", "epochs"))
+                                                     ("clean_model", "epochs"),
+                                                     ("eval", "square_queries"))
 HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
 # Suite fields that never enter the protocol hash (see Suite.protocol_hash).
 NOT_HASHED: tuple[str, ...] = ("description", "defense_overrides", "source_hash", "methods")
@@ -127,6 +128,9 @@ class EvalConfig:
     cw_steps: int = 20
     autoattack: str = "standard"  # standard | apgd (APGD-CE + APGD-T only) | reduced | none
     autoattack_size: int = 0  # AutoAttack on the first N evaluation images; 0 = all
+    # the gradient-free check: Square (the first N queries of AutoAttack's own) on the
+    # images of the AutoAttack subset that every gradient attack missed; 0 = off
+    square_queries: int = 1000
     batch_size: int = 500
     sanity_checks: bool = True
 
@@ -156,6 +160,18 @@ class Suite:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> Suite:
+        """The inverse of `to_dict` (JSON round trip: lists back to tuples), so a suite
+        travels to a training or evaluation process unchanged, hashes included."""
+        sections = {name: _from_plain(kind, raw[name]) for name, kind in _SECTION_CLASSES.items()
+                    if name in raw and name != "model"}
+        model = ModelConfig(name=raw["model"]["name"], kwargs=dict(raw["model"]["kwargs"]))
+        return cls(name=raw["name"], description=raw["description"], seeds=tuple(raw["seeds"]),
+                   model=model, defense_overrides=raw.get("defense_overrides", {}),
+                   source_hash=raw.get("source_hash", ""),
+                   methods=tuple(raw.get("methods", ("at",))), **sections)
+
     @property
     def protocol_hash(self) -> str:
         """sha256 of what every row shares: name, seeds, data, model, training, curves,
@@ -183,6 +199,10 @@ class Suite:
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                     "curves": CurveConfig, "eval": EvalConfig, "clean_model": CleanModelConfig}
+
+
+def _from_plain(kind: type, values: dict):
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _drop_optional_defaults(protocol: dict) -> None:
@@ -270,6 +290,10 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
             or clean_model.epochs < 0):
         raise ConfigError(f"{where} [clean_model]: epochs must be an integer >= 0 "
                           f"(0 = the [train] epochs), got {clean_model.epochs!r}")
+    if (isinstance(evaluation.square_queries, bool)
+            or not isinstance(evaluation.square_queries, int) or evaluation.square_queries < 0):
+        raise ConfigError(f"{where} [eval]: square_queries must be an integer >= 0 (0 = no "
+                          f"Square check), got {evaluation.square_queries!r}")
     if evaluation.autoattack not in ("standard", "apgd", "reduced", "none"):
         raise ConfigError(f"{where} [eval]: autoattack must be standard, apgd, reduced or none")
     seeds = raw.get("seeds", [0])

@@ -70,7 +70,9 @@ class Splits:
     info: DatasetInfo
     train: ArraySplit  # training examples minus validation (after subset and label noise)
     val: ArraySplit  # held-out validation, clean labels, class-balanced order
-    test: ArraySplit  # evaluation subset of the test split
+    # evaluation subset of the test split: only when asked for (`with_test=True`, the
+    # evaluator); training processes never load it
+    test: ArraySplit | None
     train_curve: ArraySplit  # fixed subset of `train` (noisy labels as trained)
     val_curve: ArraySplit  # first curve_size examples of `val`
 
@@ -301,7 +303,8 @@ def _to_split(x: np.ndarray, y: np.ndarray, index: np.ndarray) -> ArraySplit:
 
 
 def build_splits(
-    data: DataConfig, root: str | None, curve_size: int, *, allow_download: bool = True
+    data: DataConfig, root: str | None, curve_size: int, *, allow_download: bool = True,
+    with_test: bool = False,
 ) -> Splits:
     """Load `data.dataset` and split it; deterministic given `data.split_seed`.
 
@@ -314,7 +317,8 @@ def build_splits(
     *different* class. `train_curve` is the first `curve_size` examples of the (balanced,
     randomly ordered) training set, `val_curve` the first `curve_size` of validation.
     The test subset is the class-balanced prefix of the test split in file order
-    (`test_size` = 0: all of it), independent of the seed.
+    (`test_size` = 0: all of it), independent of the seed; it is loaded only with
+    `with_test` (the evaluator), so a training process never holds the test split.
     Mean and std are those of the whole training split of the dataset.
     With `injected_feature` > 0, every image of every split then carries its class's
     pattern (`inject_class_feature`).
@@ -324,8 +328,7 @@ def build_splits(
     if not 0.0 <= data.label_noise < 1.0:
         raise ConfigError(f"label_noise must be in [0, 1), got {data.label_noise}")
     x, y = load_raw(data.dataset, root, "train", allow_download=allow_download)
-    xt, yt = load_raw(data.dataset, root, "test", allow_download=allow_download)
-    num_classes = _NUM_CLASSES.get(data.dataset, int(max(y.max(), yt.max())) + 1)
+    num_classes = _NUM_CLASSES.get(data.dataset, int(y.max()) + 1)
     mean, std = _mean_std(x)
     info = DatasetInfo(data.dataset, num_classes, x.shape[3], x.shape[1], mean, std)
 
@@ -347,19 +350,23 @@ def build_splits(
         pos = rng.choice(len(train_idx), size=n_noisy, replace=False)
         y_train[pos] = (y_train[pos] + rng.integers(1, num_classes, size=n_noisy)) % num_classes
 
-    if data.test_size > len(yt):
-        raise ConfigError(f"{data.dataset}: test_size {data.test_size} exceeds {len(yt)}")
-    test_idx = np.arange(len(yt))
-    if data.test_size > 0:
-        test_idx = np.sort(balanced_order(yt)[: data.test_size])
-
     train = _to_split(x[train_idx], y_train, train_idx)
     val = _to_split(x[val_idx], y[val_idx], val_idx)
-    test = _to_split(xt[test_idx], yt[test_idx], test_idx)
+    test = None
+    if with_test:
+        xt, yt = load_raw(data.dataset, root, "test", allow_download=allow_download)
+        if data.test_size > len(yt):
+            raise ConfigError(f"{data.dataset}: test_size {data.test_size} exceeds {len(yt)}")
+        test_idx = np.arange(len(yt))
+        if data.test_size > 0:
+            test_idx = np.sort(balanced_order(yt)[: data.test_size])
+        test = _to_split(xt[test_idx], yt[test_idx], test_idx)
     if data.injected_feature > 0:
         patterns = class_feature_patterns(num_classes, *train.x.shape[1:])
-        train, val, test = (inject_class_feature(split, data.injected_feature, patterns)
-                            for split in (train, val, test))
+        train, val = (inject_class_feature(split, data.injected_feature, patterns)
+                      for split in (train, val))
+        if test is not None:
+            test = inject_class_feature(test, data.injected_feature, patterns)
     return Splits(
         info=info,
         train=train,

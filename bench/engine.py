@@ -56,10 +56,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attacks.pgd import pgd
 from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model
 from bench.config import RunSpec, Suite
+from bench.curves import curve_point, derive_seed, make_generator, pick_device, to_float
 from bench.data import DeviceLoader, Splits, augment_batch
+from bench.errors import DefenseError, NonFiniteLossError, RunMismatchError
+from bench.hooks import HookGuard, check_per_sample, check_scalar_terms, source_fingerprint
 from bench.methods import build_method
 from bench.models import build_model
 from bench.records import (
@@ -73,32 +75,9 @@ from defenses.base import Defense, build_defenses
 
 NONFINITE_CHECK_EVERY = 50
 
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunMismatchError(RuntimeError):
-    """A run folder holds a different run or was made under another suite file."""
-
-
-def derive_seed(seed: int, stream: str) -> int:
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)
-
-
-def make_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(seed, stream))
-    return gen
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["NonFiniteLossError", "RunMismatchError", "Trainer", "collect_eval_models",
+           "curve_point", "derive_seed", "learning_rate", "make_generator", "pick_device",
+           "to_float"]
 
 
 def learning_rate(suite: Suite, progress_epochs: float) -> float:
@@ -133,61 +112,6 @@ def build_optimizer(model: nn.Module, suite: Suite, device: torch.device) -> tor
 
 
 @dataclass
-class CurvePoint:
-    robust: float
-    clean: float
-    fgsm: float | None = None  # FGSM accuracy (zero start, step eps) when asked for
-
-
-def fgsm_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                 autocast_dtype: torch.dtype | None) -> int:
-    """Images still correct after FGSM from a zero start with step eps (the convention
-    of the catastrophic-overfitting literature); uses no randomness."""
-    x_adv = pgd(model, x, y, eps=eps, step_size=eps, steps=1, random_start=False,
-                autocast_dtype=autocast_dtype)
-    with torch.no_grad(), _autocast(x.device, autocast_dtype):
-        return int((model(x_adv).argmax(1) == y).sum().item())
-
-
-def curve_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
-                seed: int, autocast_dtype: torch.dtype | None, batch: int = 500,
-                fgsm: bool = False) -> CurvePoint:
-    """PGD (the suite's curve attack) and clean accuracy, eval mode, fixed seed; with
-    `fgsm`, also FGSM accuracy (which draws no random numbers, so PGD is unchanged)."""
-    c, eps = suite.curves, suite.train.eps
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    robust = clean = fgsm_hits = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(x), batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
-            x_adv = pgd(model, xb, yb, eps=eps, step_size=c.step_ratio * eps,
-                        steps=c.attack_steps, generator=gen, autocast_dtype=autocast_dtype)
-            with torch.no_grad(), _autocast(x.device, autocast_dtype):
-                robust += (model(x_adv).argmax(1) == yb).sum().item()
-                clean += (model(xb).argmax(1) == yb).sum().item()
-            if fgsm:
-                fgsm_hits += fgsm_correct(model, xb, yb, eps, autocast_dtype)
-    finally:
-        model.train(was_training)
-    n = max(1, len(x))
-    return CurvePoint(robust / n, clean / n, fgsm_hits / n if fgsm else None)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_float(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = x_uint8.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@dataclass
 class TrainOutcome:
     run_dir: Path
     epochs_done: int
@@ -219,6 +143,7 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.channels_last = True if channels_last is None else channels_last
         self.suite_hash = suite.run_hash(spec.defense_names)
+        self.guard = HookGuard(self.run_dir, f"{spec.row_name} seed {spec.seed}")
 
     # ---- construction -----------------------------------------------------
     def build(self) -> TrainState:
@@ -259,7 +184,21 @@ class Trainer:
         state.method_loss_fn = lambda: self._method_loss(state)
         state.batch_fn = self._draw_batch
         self._bind_defenses()
+        # the curves run on this copy, which receives the trained weights each epoch: hooks
+        # or attributes a defense attaches to the live model never reach the curves (and so
+        # never the choice of the best checkpoint); built without touching the global RNG
+        with preserved_global_rng(self.device):
+            self._curve_model = self._fresh_model()
         return state
+
+    def _fresh_model(self) -> nn.Module:
+        """A new model of the suite's architecture, in the engine's memory format."""
+        model = build_model(self.suite.model, self.splits.info).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def _curve_copy(self) -> nn.Module:
+        self._curve_model.load_state_dict(self.model.state_dict())
+        return self._curve_model
 
     def _bind_defenses(self) -> None:
         """What the defenses ask of the engine (instances may narrow their class's
@@ -283,9 +222,7 @@ class Trainer:
         with preserved_global_rng(self.device):
             made = obtain_clean_model(self.clean_models_dir, self.suite, self.spec.seed,
                                       self.precision, self._train_clean_model, self.progress)
-            model = build_model(self.suite.model, self.splits.info).to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = self._fresh_model()
         model.load_state_dict(made.weights)
         state.clean_model = model.eval().requires_grad_(False)
         self.pretraining = [{**made.info, "for": users}]
@@ -328,12 +265,40 @@ class Trainer:
             "format": 1, "spec": self.spec.to_dict(), "suite_hash": self.suite_hash,
             "epoch": state.epoch, "step": state.step,
             "model": self.model.state_dict(),
-            "defenses": [d.state_dict() for d in self.defenses],
+            # the defenses' extra models, as plain state_dicts of the suite's architecture:
+            # all the evaluator reads of a defense (it never imports defense code)
+            "eval_models": self.extra_model_states(state),
+            "defenses": [self.guard.run(d, "state_dict (checkpoint)", state, d.state_dict)
+                         for d in self.defenses],
+            "defense_sources": {d.name: source_fingerprint(d) for d in self.defenses},
+            "cards": {d.name: d.card.to_dict() for d in self.defenses},
+            "defense_params": {d.name: dict(d.hparams) for d in self.defenses},
+            "train_settings": {"precision": self.precision, "channels_last": self.channels_last,
+                               "device": self.device.type},
             "optimizer": self.optimizer.state_dict(), "rng": rng, "best": best,
             "history": history, "seconds": seconds,
             "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
             "pretraining": self.pretraining,
         }
+
+    def extra_model_states(self, state: TrainState | None) -> dict[str, dict]:
+        """`{"<defense>.<name>": state_dict}` of the models each defense's `eval_models`
+        returns: only names its class declares in `extra_models`, only modules whose
+        state_dict fits the suite's architecture (the trained model's keys and shapes)."""
+        reference = {k: v.shape for k, v in self.model.state_dict().items()}
+        out: dict[str, dict] = {}
+        for defense in self.defenses:
+            models = self.guard.call(defense, "eval_models", state)
+            if not isinstance(models, dict):
+                raise self.guard.error(defense, "eval_models", state, f"returned "
+                                       f"{type(models).__name__}; expected a dict of "
+                                       "{name: model}")
+            for name, module in models.items():
+                problem = _extra_model_problem(name, module, defense.extra_models, reference)
+                if problem:
+                    raise self.guard.error(defense, "eval_models", state, problem)
+                out[f"{defense.name}.{name}"] = module.state_dict()
+        return out
 
     def check_suite_hash(self, ckpt: dict, remedy: str) -> None:
         """Refuse a checkpoint made under another version of the suite's protocol or of
@@ -353,7 +318,8 @@ class Trainer:
         self.check_suite_hash(ckpt, "delete the run folder to start over")
         self.model.load_state_dict(ckpt["model"])
         for defense, sd in zip(self.defenses, ckpt["defenses"], strict=True):
-            defense.load_state_dict(sd)
+            self.guard.run(defense, "load_state_dict (resume)", state,
+                           lambda d=defense, sd=sd: d.load_state_dict(sd))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         rng = ckpt["rng"]
         self.data_gen.set_state(rng["data"])
@@ -382,7 +348,7 @@ class Trainer:
         if not resuming:
             self.provide_clean_model(state)
         for defense in self.defenses:
-            defense.setup(state)  # builds proxies/EMA; a checkpoint's values then win
+            self.guard.call(defense, "setup", state)  # proxies/EMA; a checkpoint's values win
         state.clean_model = None  # setup has used it; it is not kept around
         if resuming:
             history, best, seconds = self._restore(state, load_checkpoint(last_path))
@@ -400,10 +366,11 @@ class Trainer:
             train_seconds = time.perf_counter() - start
             train_cpu_seconds = time.process_time() - cpu_start
             curve_start = time.perf_counter()
-            val = curve_point(self.model, *self.val_curve, self.suite,
+            curve_model = self._curve_copy()
+            val = curve_point(curve_model, *self.val_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype,
                               fgsm=self.suite.curves.fgsm)
-            trn = curve_point(self.model, *self.train_curve, self.suite,
+            trn = curve_point(curve_model, *self.train_curve, self.suite,
                               derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
             curve_seconds = time.perf_counter() - curve_start
             state.epoch += 1
@@ -439,7 +406,7 @@ class Trainer:
     def _train_epoch(self, state: TrainState) -> dict[str, float]:
         self.model.train()
         for defense in self.defenses:
-            defense.on_epoch_start(state)
+            self.guard.call(defense, "on_epoch_start", state)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = 0
@@ -454,7 +421,7 @@ class Trainer:
                 self._check_finite(loss_sum, state)
         self._check_finite(loss_sum, state)
         for defense in self.defenses:
-            defense.on_epoch_end(state)
+            self.guard.call(defense, "on_epoch_end", state)
         stats = {"train_loss": float(loss_sum) / max(1, seen),
                  "train_adv_acc": float(correct) / max(1, seen)}
         stats.update(state.pop_logs())
@@ -474,29 +441,34 @@ class Trainer:
         if "raw_batch" in self.capabilities:
             state.raw_x = to_float(self.train_x_for(index), self.channels_last)
         for defense in self.defenses:
-            defense.before_attack(state)
+            self.guard.call(defense, "before_attack", state)
         if "clean_logits" in self.capabilities:  # of the batch as the defenses left it
             with torch.no_grad(), preserved_bn_stats(model), state.autocast():
                 state.clean_logits = model(state.x).float()
             state.counter.add(fwd=1)
         state.x_adv = self.method.attack(state)
         for defense in self.defenses:
-            defense.after_attack(state)
+            self.guard.call(defense, "after_attack", state)
         model.train()
         with contextlib.ExitStack() as stack:
             for defense in self.defenses:
-                stack.enter_context(defense.around_update(state))
+                stack.enter_context(self.guard.around_update(defense, state))
             optimizer.zero_grad(set_to_none=True)
             loss = self._loss(state)
             if "term_grads" in self.capabilities:
                 self._term_grads(state)
+            if not loss.requires_grad:
+                raise DefenseError(
+                    f"the training loss of {self.guard.row} at epoch {state.epoch + 1}, step "
+                    f"{state.step} has no autograd graph (did a defense turn off gradients "
+                    f"or detach the model's outputs?); {self.guard.kept(state)}")
             loss.backward()
             state.counter.add(bwd=1)
             for defense in self.defenses:
-                defense.after_backward(state)
+                self.guard.call(defense, "after_backward", state)
             optimizer.step()
         for defense in self.defenses:
-            defense.after_step(state)
+            self.guard.call(defense, "after_step", state)
         return loss
 
     def train_x_for(self, index: torch.Tensor) -> torch.Tensor:
@@ -511,21 +483,28 @@ class Trainer:
         with state.autocast():
             per_sample = None
             if self.objective_owner is not None:
-                per_sample = self.objective_owner.objective_loss(state)
+                per_sample = check_per_sample(
+                    self.guard, self.objective_owner, "objective_loss", state,
+                    self.guard.call(self.objective_owner, "objective_loss", state),
+                    need_grad=torch.is_grad_enabled())
             if per_sample is None:
                 per_sample = self.method.loss(state)
         state.per_sample_loss = per_sample
         terms: dict[str, torch.Tensor] = {}
         weights = None
         for defense in self.defenses:
-            extra = defense.add_losses(state)
+            extra = check_scalar_terms(self.guard, defense, "add_losses", state,
+                                       self.guard.call(defense, "add_losses", state),
+                                       need_grad=per_sample.requires_grad)
             if extra:
                 for name, value in extra.items():
                     key = f"{defense.name}.{name}"
                     terms[key] = value.float()
                     state.log(f"loss.{key}", value)
         for defense in self.defenses:
-            w = defense.sample_weights(state)
+            w = check_per_sample(self.guard, defense, "sample_weights", state,
+                                 self.guard.call(defense, "sample_weights", state),
+                                 need_grad=False)
             if w is not None:
                 weights = w if weights is None else weights * w
         per_sample = per_sample.float()
@@ -543,11 +522,10 @@ class Trainer:
         for defense in self.defenses:
             if "term_grads" not in defense.capabilities:
                 continue
-            for name, value in (defense.gradient_terms(state) or {}).items():
-                if value.ndim != 0:
-                    raise ValueError(
-                        f"{defense.name}.gradient_terms returned term {name!r} with shape "
-                        f"{tuple(value.shape)}; each term must be a scalar (reduce it first)")
+            terms = check_scalar_terms(self.guard, defense, "gradient_terms", state,
+                                       self.guard.call(defense, "gradient_terms", state),
+                                       need_grad=True)
+            for name, value in terms.items():
                 grads = torch.autograd.grad(value, params, retain_graph=True,
                                             allow_unused=True)
                 state.counter.add(bwd=1)
@@ -559,11 +537,40 @@ class Trainer:
             kept = state.epoch
             raise NonFiniteLossError(
                 f"non-finite training loss in epoch {state.epoch + 1} (step {state.step}) of "
-                f"run {self.spec.run_id} ({self.spec.row_name}, seed {self.spec.seed}); "
-                f"training stopped. The last good checkpoint (after epoch {kept}) is kept in "
+                f"run {self.spec.run_id} ({self.spec.row_name}, seed {self.spec.seed})"
+                f"{_nonfinite_terms(state.logs)}; training stopped. The last good checkpoint "
+                f"(after epoch {kept}) is kept in "
                 f"{self.run_dir / 'last.pt'}" + (" " if kept else " (none yet) ") +
                 "- lower the learning rate or a defense's strength, then delete the run "
                 "folder to start over")
+
+
+def _nonfinite_terms(logs: dict[str, list]) -> str:
+    """', non-finite terms: evil.x' for the logged defense loss terms (`loss.<defense>.<term>`)
+    with a non-finite value this epoch; '' when none is."""
+    bad = [key.removeprefix("loss.") for key, values in logs.items()
+           if key.startswith("loss.") and not all(
+               math.isfinite(float(v)) for v in values)]
+    return f", non-finite defense loss terms: {', '.join(bad)}" if bad else ""
+
+
+def _extra_model_problem(name: object, module: object, declared: tuple[str, ...],
+                         reference: dict[str, torch.Size]) -> str | None:
+    """Why an `eval_models` entry cannot be saved for evaluation (None when it can)."""
+    if not isinstance(name, str) or name not in declared:
+        return (f"returned model {name!r}, which the class does not declare: list the names "
+                f"of its extra models in `extra_models` (declared: {list(declared)})")
+    if not isinstance(module, nn.Module):
+        return f"model {name!r} is a {type(module).__name__}, not a torch.nn.Module"
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    if shapes != reference:
+        missing = sorted(set(reference) - set(shapes))[:3]
+        extra = sorted(set(shapes) - set(reference))[:3]
+        wrong = sorted(k for k in set(shapes) & set(reference) if shapes[k] != reference[k])[:3]
+        return (f"model {name!r} is not of the suite's architecture (missing {missing}, "
+                f"unexpected {extra}, other shapes {wrong}); extra models are evaluated as "
+                "state_dicts of the suite's model")
+    return None
 
 
 def _epoch_bar(enabled: bool, epochs: int, done: int, label: str):

@@ -1,47 +1,99 @@
-"""Final evaluation of a finished run and its `record.json`.
+"""Final evaluation of a finished run and its `record.json`: a pure function of (suite,
+checkpoint weights, test split).
 
-For every model in `eval_models`, at the best and at the last checkpoint, in
-`eval()` mode and fp32: clean accuracy, PGD-20 (CE, step eps/4, random start),
-CW-inf-20 (margin loss) and AutoAttack (official `pyautoattack`), on the suite's
-evaluation set. Sanity flags: AutoAttack's own warnings, PGD at a huge epsilon
-must reach ~0, more PGD steps must not raise accuracy, a large
-PGD-vs-AutoAttack gap, and clean accuracy near chance (the model did not train).
-The record also carries `catastrophic_overfitting`: None, or the first epoch flagged
-by `bench.overfitting` from the per-epoch curves (checked only for runs with the FGSM
-curve, i.e. on the single-step suites).
+The evaluator never imports or calls defense code and never builds a `Trainer`. For the
+best and the last checkpoint it builds the suite's architecture (`bench.models`), loads
+the trained weights (`weights_only=True`, strict: anything that does not fit the
+architecture is refused) and attacks them; a defense's extra models (an EMA, a revision
+model) are state_dicts of the same architecture saved in the checkpoint at training time,
+loaded and scored the same way, as sub-rows that are never ranked. The runner starts it in
+a fresh process (`robench evaluate RUN_DIR`), so nothing a submission did to the training
+process (globals, hooks, monkeypatches, autocast state, RNG) reaches it. Every attack runs
+in fp32 with autocast off (and TF32 off on CUDA).
+
+Per model and checkpoint, per image: clean, PGD-20 (CE, step eps/4, random start),
+CW-20 (margin loss) on the suite's evaluation set; on its first `autoattack_size` images
+(the *attack subset*), AutoAttack (official `pyautoattack`, the suite's version) and a
+gradient-free Square check; `worst_case` counts an image of the subset as robust only if
+every attack failed on it, and is what the leaderboard ranks. Sanity checks
+(`bench.sanity`) flag masked gradients and dead models. The record carries the sha256 of
+every checkpoint it scored, the per-image results, the curve re-check, and provenance.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from attacks.autoattack import run_autoattack
-from attacks.pgd import clean_accuracy, pgd, robust_accuracy
+from attacks.autoattack import attack_set_label, run_autoattack, square_robust
+from attacks.pgd import pgd
 from bench.config import RunSpec, Suite
-from bench.data import Splits
-from bench.engine import Trainer, collect_eval_models, derive_seed, pick_device
+from bench.curves import curve_point, derive_seed, pick_device, to_float
+from bench.data import DatasetInfo, Splits
+from bench.errors import RunMismatchError
+from bench.models import build_model
 from bench.overfitting import FGSM_KEY, catastrophic_overfitting_field
 from bench.overfitting import RULE_KEY as CO_RULE_KEY
 from bench.overfitting import RULE_VERSION as CO_RULE_VERSION
+from bench.provenance import provenance
 from bench.records import (
+    RECORD_SCHEMA,
     RecordError,
     device_description,
-    load_checkpoint,
     read_history,
-    software_versions,
+    validate_record,
     write_json_atomic,
 )
+from bench.sanity import SANITY_IMAGES, checks_for_model, curve_flags, near_chance_flag
+from leaderboard.schema import pack_bits
 
-HUGE_EPS = 0.5  # PGD at this radius must drive accuracy to ~0
-HUGE_EPS_MAX_ACC = 0.05
-AA_GAP_FLAG = 0.10  # PGD-20 minus AutoAttack above this fires a flag
-NEAR_CHANCE_MARGIN = 0.05  # clean accuracy at most 1/classes + this: the model did not train
-SANITY_IMAGES = 100
+ATTACKS = ("clean", "pgd20", "cw20", "autoattack", "square")
+
+
+def load_weights(path: Path, device: torch.device) -> tuple[dict, str]:
+    """A checkpoint (`weights_only=True`) and the sha256 of the exact bytes loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise RecordError(f"cannot load checkpoint {path}: {exc}. Delete the run folder to "
+                          "retrain that run") from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise RecordError(f"{path} is not a ROBench checkpoint (no 'model' state_dict)")
+    return ckpt, hashlib.sha256(data).hexdigest()
+
+
+def model_from_weights(suite: Suite, info: DatasetInfo, weights: object, name: str,
+                       where: Path, device: torch.device,
+                       channels_last: bool = False) -> nn.Module:
+    """The suite's architecture holding `weights` (strict), in eval mode, frozen."""
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise RecordError(f"{where}: {name!r} is not a state_dict of tensors; the evaluator "
+                          f"only loads weights of the suite's architecture ({suite.model.name})")
+    model = build_model(suite.model, info)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise RecordError(f"{where}: {name!r} does not fit the suite's architecture "
+                          f"({suite.model.name} {suite.model.kwargs}): {first} {detail}"
+                          ) from exc
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
 
 
 def _seeded(seed: int, device: torch.device) -> torch.Generator:
@@ -50,60 +102,10 @@ def _seeded(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
-                   seed: int, label: str, progress: bool,
-                   num_classes: int) -> tuple[dict, list[dict], dict]:
-    """Metrics (fractions), fired sanity flags and AutoAttack details of one model."""
-    e, eps = suite.eval, suite.train.eps
-    device = x.device
-    model.eval()
-    flags: list[dict] = []
-    bar = (lambda name: f"{label} {name}") if progress else (lambda name: None)
-    metrics: dict = {"n": len(y)}
-    metrics["clean"] = clean_accuracy(model, x, y, batch_size=e.batch_size)
-    if metrics["clean"] <= 1 / num_classes + NEAR_CHANCE_MARGIN:
-        flags.append({"check": "near_chance", "message": (
-            f"clean accuracy {metrics['clean']:.3f} is within {NEAR_CHANCE_MARGIN:.2f} of "
-            f"chance (1/{num_classes}): the model did not learn, so its robust accuracy and "
-            "best-to-last gap say nothing about robust overfitting")})
-    pgd_correct = correct_under_pgd(model, x, y, eps, e.pgd_step_ratio * eps, e.pgd_steps,
-                                    e.batch_size, _seeded(seed, device), bar("PGD-20"))
-    metrics["pgd20"] = pgd_correct.float().mean().item()
-    metrics["cw20"] = robust_accuracy(
-        model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps, steps=e.cw_steps, loss="cw",
-        batch_size=e.batch_size, generator=_seeded(seed + 1, device), progress=bar("CW-20"))
-    aa_info: dict = {"version": e.autoattack}
-    if e.autoattack != "none":
-        if progress:
-            print(f"  {label}: AutoAttack ({e.autoattack}) on "
-                  f"{min(e.autoattack_size or len(y), len(y))} images ...", flush=True)
-        n_aa = e.autoattack_size or len(y)
-        result = run_autoattack(model, x[:n_aa], y[:n_aa], eps=eps, version=e.autoattack,
-                                batch_size=e.batch_size, device=device, seed=seed)
-        metrics["autoattack"] = result.robust_accuracy
-        metrics["n_autoattack"] = min(n_aa, len(y))
-        aa_info.update({"seconds": result.seconds, "settings": result.settings,
-                        "warnings": result.warnings, "log": result.log})
-        for message in dict.fromkeys(result.warnings):  # each distinct warning once
-            flags.append({"check": "autoattack_warning", "message": message})
-        pgd_on_aa_images = pgd_correct[:n_aa].float().mean().item()
-        if pgd_on_aa_images - result.robust_accuracy > AA_GAP_FLAG:
-            flags.append({"check": "aa_pgd_gap", "message": (
-                f"PGD-20 {pgd_on_aa_images:.3f} exceeds AutoAttack "
-                f"{result.robust_accuracy:.3f} by more than {AA_GAP_FLAG:.2f}: "
-                "possible gradient masking")})
-    else:
-        metrics["autoattack"] = None
-    if e.sanity_checks:
-        flags += sanity_flags(model, x[:SANITY_IMAGES], y[:SANITY_IMAGES],
-                              pgd_correct[:SANITY_IMAGES], suite, seed)
-    return metrics, flags, aa_info
-
-
 def correct_under_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                      step_size: float, steps: int, batch_size: int,
-                      generator: torch.Generator, progress: str | None = None) -> torch.Tensor:
-    """Per-image correctness (bool) under random-start PGD with the CE loss."""
+                      step_size: float, steps: int, batch_size: int, generator: torch.Generator,
+                      loss: str = "ce", progress: str | None = None) -> torch.Tensor:
+    """Per-image correctness (bool) under random-start PGD (`steps` 0: clean)."""
     starts = range(0, len(y), batch_size)
     if progress is not None:
         from tqdm.auto import tqdm
@@ -112,80 +114,189 @@ def correct_under_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     out = []
     for i in starts:
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        x_adv = pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps, generator=generator)
+        if steps > 0:
+            xb = pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps, loss=loss,
+                     generator=generator)
         with torch.no_grad():
-            out.append(model(x_adv).argmax(1) == yb)
+            out.append(model(xb).argmax(1) == yb)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
-def sanity_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_correct: torch.Tensor,
-                 suite: Suite, seed: int) -> list[dict]:
-    """Cheap checks on a few images: PGD at a huge radius must reach ~0, and five
-    times more PGD steps (half the step) must not raise accuracy."""
+@dataclass
+class ModelEvaluation:
+    """One model at one checkpoint: metrics (fractions), per-image results, flags."""
+
+    metrics: dict
+    per_image: dict[str, torch.Tensor]
+    flags: list[dict] = field(default_factory=list)
+    autoattack: dict = field(default_factory=dict)
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
+                   seed: int, label: str, progress: bool, num_classes: int) -> ModelEvaluation:
+    """Every attack of the suite on one model (see the module docstring), fp32."""
     e, eps = suite.eval, suite.train.eps
-    flags = []
-    huge = robust_accuracy(model, x, y, eps=HUGE_EPS, step_size=HUGE_EPS / 4, steps=10,
-                           generator=_seeded(seed, x.device))
-    if huge > HUGE_EPS_MAX_ACC:
-        flags.append({"check": "huge_eps", "message": (
-            f"PGD-10 at eps {HUGE_EPS} leaves {huge:.3f} accuracy "
-            f"(expected <= {HUGE_EPS_MAX_ACC}): gradients may be masked")})
-    few = pgd_correct.float().mean().item()
-    many = robust_accuracy(model, x, y, eps=eps, step_size=e.pgd_step_ratio * eps / 2,
-                           steps=e.pgd_steps * 5, generator=_seeded(seed + 2, x.device))
-    if many > few + 0.02:
-        flags.append({"check": "more_steps", "message": (
-            f"PGD-{e.pgd_steps * 5} accuracy {many:.3f} is above PGD-{e.pgd_steps} "
-            f"{few:.3f} on {len(y)} images: the attack does not converge")})
-    return flags
+    device = x.device
+    model.eval()
+    bar = (lambda name: f"{label} {name}") if progress else (lambda name: None)
+    n_sub = min(e.autoattack_size or len(y), len(y))
+    with torch.autocast(device_type=device.type, enabled=False):
+        clean = correct_under_pgd(model, x, y, eps, 0.0, 0, e.batch_size, _seeded(seed, device))
+        pgd20 = correct_under_pgd(model, x, y, eps, e.pgd_step_ratio * eps, e.pgd_steps,
+                                  e.batch_size, _seeded(seed, device), progress=bar("PGD-20"))
+        cw20 = correct_under_pgd(model, x, y, eps, e.pgd_step_ratio * eps, e.cw_steps,
+                                 e.batch_size, _seeded(seed + 1, device), loss="cw",
+                                 progress=bar("CW-20"))
+        per_image = {"clean": clean, "pgd20": pgd20, "cw20": cw20}
+        gradient = (clean & pgd20 & cw20)[:n_sub]
+        aa_info: dict = {"version": e.autoattack}
+        result = None
+        if e.autoattack != "none":
+            if progress:
+                print(f"  {label}: {attack_set_label(e.autoattack)} on {n_sub} images ...",
+                      flush=True)
+            result = run_autoattack(model, x[:n_sub], y[:n_sub], eps=eps, version=e.autoattack,
+                                    batch_size=e.batch_size, device=device, seed=seed)
+            per_image["autoattack"] = result.robust.to(device)
+            gradient = gradient & per_image["autoattack"]
+            aa_info.update({"seconds": result.seconds, "settings": result.settings,
+                            "warnings": result.warnings, "log": result.log})
+        if e.square_queries > 0:
+            if progress:
+                print(f"  {label}: Square check ({e.square_queries} queries) on "
+                      f"{int(gradient.sum())} images no gradient attack broke ...", flush=True)
+            square = torch.zeros(n_sub, dtype=torch.bool, device=device)
+            survivors = gradient.nonzero().flatten()
+            if len(survivors):
+                square[survivors] = square_robust(
+                    model, x[:n_sub][survivors], y[:n_sub][survivors], eps=eps,
+                    n_queries=e.square_queries, seed=seed, batch_size=e.batch_size)
+            per_image["square"] = square  # False also where a gradient attack already won
+        worst = gradient & per_image["square"] if "square" in per_image else gradient
+    n = len(y)
+    metrics: dict = {"n": n, "clean": _mean(clean), "pgd20": _mean(pgd20), "cw20": _mean(cw20),
+                     "autoattack": result.robust_accuracy if result is not None else None,
+                     "n_autoattack": n_sub if result is not None else None,
+                     "square_only": None, "worst_case": _mean(worst), "n_worst_case": n_sub}
+    if "square" in per_image:
+        # images every gradient attack missed and Square broke
+        before = (clean & pgd20 & cw20)[:n_sub]
+        if "autoattack" in per_image:
+            before = before & per_image["autoattack"]
+        metrics["square_only"] = _mean(before & ~per_image["square"], n_sub)
+    flags = near_chance_flag(metrics["clean"], num_classes)
+    if flags:  # a dead model: the masking checks have nothing to say about it
+        flags.append({"check": "masking_checks_skipped", "level": "note",
+                      "message": "the masking checks were skipped: the model is at chance"})
+    else:
+        with torch.autocast(device_type=device.type, enabled=False):
+            flags += checks_for_model(model, x[:n_sub], y[:n_sub], per_image, metrics, suite,
+                                      seed, result)
+    return ModelEvaluation(metrics, per_image, flags, aa_info)
 
 
-def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.device | None = None,
-                 progress: bool = True) -> dict:
-    """Evaluate best and last checkpoints of a finished run and write `record.json`."""
-    run_dir = Path(run_dir)
-    device = device or pick_device()
+def _mean(flags: torch.Tensor, n: int | None = None) -> float:
+    total = len(flags) if n is None else n
+    return float(flags.sum().item()) / total if total else 0.0
+
+
+def _spec_of(run_dir: Path) -> RunSpec:
     spec_path = run_dir / "spec.json"
     if not spec_path.exists():
         raise RecordError(f"{run_dir} is not a run folder (no spec.json); "
                           "train it first with `robench run`")
-    import json
+    try:
+        return RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"{spec_path} is unreadable: {exc}") from exc
 
-    spec = RunSpec.from_dict(json.loads(spec_path.read_text())["spec"])
-    last = load_checkpoint(run_dir / "last.pt", map_location=device)
-    if last["epoch"] < suite.train.epochs:
+
+def _check_checkpoint(ckpt: dict, spec: RunSpec, suite: Suite, path: Path) -> None:
+    if ckpt.get("spec") != spec.to_dict():
+        raise RunMismatchError(f"{path} belongs to another run than {path.parent}/spec.json")
+    expected = suite.run_hash(spec.defense_names)
+    found = str(ckpt.get("suite_hash"))
+    if found != expected:
+        raise RunMismatchError(
+            f"{path.parent} was trained under another version of suite {suite.name!r} or of "
+            f"its settings for {spec.row_name} (hash {found[:12]} vs {expected[:12]}); "
+            "evaluate it with the suite file it was trained under, or delete the run folder "
+            "and train it again")
+
+
+def recheck_curve(model_weights: dict, ckpt: dict, suite: Suite, splits: Splits,
+                  spec: RunSpec, device: torch.device, path: Path) -> dict:
+    """Recompute the validation PGD accuracy that selected this checkpoint, in this process,
+    with the training run's precision, and compare it with the value the training process
+    wrote into the history (the best checkpoint is chosen on it)."""
+    settings = ckpt.get("train_settings") or {}
+    precision = settings.get("precision", "fp32")
+    dtype = None if precision == "fp32" else getattr(torch, precision, None)
+    channels_last = bool(settings.get("channels_last", True))
+    model = model_from_weights(suite, splits.info, model_weights, "model", path, device,
+                               channels_last=channels_last)
+    x = to_float(splits.val_curve.x.to(device), False)
+    yv = splits.val_curve.y.to(device)
+    point = curve_point(model, x, yv, suite, derive_seed(spec.seed, "curves"), dtype)
+    epoch = int(ckpt["epoch"])
+    history = ckpt.get("history") or []
+    recorded = history[epoch - 1].get("val_robust") if len(history) >= epoch else None
+    return {"epoch": epoch, "recorded": recorded, "recomputed": point.robust,
+            "n": len(yv), "precision": precision}
+
+
+def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.device | None = None,
+                 progress: bool = True) -> dict:
+    """Evaluate best and last checkpoints of a finished run and write `record.json`.
+    `splits` must hold the test split (`build_splits(..., with_test=True)`)."""
+    run_dir = Path(run_dir)
+    device = device or pick_device()
+    if splits.test is None:
+        raise ValueError("evaluate_run needs the test split: build_splits(..., with_test=True)")
+    spec = _spec_of(run_dir)
+    last, last_sha = load_weights(run_dir / "last.pt", device)
+    if last.get("epoch", 0) < suite.train.epochs:
         raise RecordError(
-            f"{run_dir} stopped after epoch {last['epoch']} of {suite.train.epochs}; "
+            f"{run_dir} stopped after epoch {last.get('epoch')} of {suite.train.epochs}; "
             f"resume it with `robench run` before evaluating")
-    trainer = Trainer(spec, suite, splits, run_dir, device=device, progress=False)
-    trainer.check_suite_hash(last, "evaluate it with the suite file it was trained under, "
-                                   "or delete the run folder and train it again")
-    state = trainer.build()
-    for defense in trainer.defenses:
-        defense.setup(state)
+    _check_checkpoint(last, spec, suite, run_dir / "last.pt")
+    best, best_sha = load_weights(run_dir / "best.pt", device)
+    _check_checkpoint(best, spec, suite, run_dir / "best.pt")
+    if device.type == "cuda":  # fp32 means fp32: no TF32 in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     x = splits.test.x.to(device).float() / 255
     y = splits.test.y.to(device)
+    seed = derive_seed(spec.seed, "eval") % (2**31)
     metrics: dict = {}
+    per_image: dict = {}
     flags: list[dict] = []
     autoattack: dict = {}
+    curves: dict = {}
     start = time.perf_counter()
-    for tag in ("best", "last"):
-        ckpt = last if tag == "last" else load_checkpoint(run_dir / "best.pt", device)
-        trainer.model.load_state_dict(ckpt["model"])
-        for defense, sd in zip(trainer.defenses, ckpt["defenses"], strict=True):
-            defense.load_state_dict(sd)
-        models = collect_eval_models(trainer.model, trainer.defenses, state)
-        for name, module in models.items():
+    for tag, ckpt, path in (("best", best, run_dir / "best.pt"),
+                            ("last", last, run_dir / "last.pt")):
+        extra = ckpt.get("eval_models") or {}
+        if not isinstance(extra, dict):
+            raise RecordError(f"{path}: 'eval_models' is not a dict of state_dicts")
+        curves[tag] = recheck_curve(ckpt["model"], ckpt, suite, splits, spec, device, path)
+        flags += [{**f, "model": "model", "checkpoint": tag}
+                  for f in curve_flags(curves[tag])]
+        for name, weights in {"model": ckpt["model"], **extra}.items():
+            model = model_from_weights(suite, splits.info, weights, name, path, device)
             label = f"[{tag} epoch {ckpt['epoch']}] {name}"
-            m, f, aa = evaluate_model(module, x, y, suite,
-                                      derive_seed(spec.seed, "eval") % (2**31), label, progress,
-                                      num_classes=splits.info.num_classes)
-            metrics.setdefault(name, {})[tag] = m
-            flags += [{**flag, "model": name, "checkpoint": tag} for flag in f]
-            autoattack[f"{name}.{tag}"] = aa
+            result = evaluate_model(model, x, y, suite, seed, label, progress,
+                                    num_classes=splits.info.num_classes)
+            metrics.setdefault(name, {})[tag] = {**result.metrics, "epoch": int(ckpt["epoch"])}
+            per_image.setdefault(name, {})[tag] = {k: pack_bits(v.tolist())
+                                                   for k, v in result.per_image.items()}
+            flags += [{**f, "model": name, "checkpoint": tag} for f in result.flags]
+            autoattack[f"{name}.{tag}"] = result.autoattack
     eval_seconds = time.perf_counter() - start
-    record = build_record(spec, suite, run_dir, metrics, flags, autoattack, last,
-                          trainer, eval_seconds, device)
+    record = build_record(spec, suite, run_dir, metrics, per_image, flags, autoattack, curves,
+                          {"best": (best, best_sha), "last": (last, last_sha)}, eval_seconds,
+                          device, splits)
+    validate_record(record, str(run_dir / "record.json"))
     write_json_atomic(run_dir / "record.json", record)
     return record
 
@@ -200,17 +311,40 @@ def record_curves(history: list[dict]) -> dict[str, list]:
     return {k: [row.get(k) for row in history] for k in keys}
 
 
-def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flags: list[dict],
-                 autoattack: dict, last: dict, trainer: Trainer, eval_seconds: float,
-                 device: torch.device) -> dict:
+def evaluation_settings(suite: Suite, splits: Splits, device: torch.device) -> dict:
+    """What the evaluation ran, for the record and the leaderboard's labels."""
+    e = suite.eval
+    n = len(splits.test)
+    n_sub = min(e.autoattack_size or n, n)
+    return {
+        "precision": "fp32", "autocast": False, "tf32": False, "process": "evaluator",
+        "threads": torch.get_num_threads(), "device": device_description(device),
+        "n_images": n, "n_attack_subset": n_sub,
+        "pgd": {"steps": e.pgd_steps, "step_ratio": e.pgd_step_ratio, "loss": "ce"},
+        "cw": {"steps": e.cw_steps, "step_ratio": e.pgd_step_ratio, "loss": "cw"},
+        "autoattack": {"version": e.autoattack, "label": attack_set_label(e.autoattack)
+                       if e.autoattack != "none" else None,
+                       "n_images": n_sub if e.autoattack != "none" else 0},
+        "square": {"queries": e.square_queries, "n_images": n_sub if e.square_queries else 0},
+        "worst_case": {"n_images": n_sub, "attacks": [a for a in ATTACKS if a == "clean" or (
+            a == "autoattack" and e.autoattack != "none") or (
+            a == "square" and e.square_queries > 0) or a in ("pgd20", "cw20")]},
+        "sanity_images": min(SANITY_IMAGES, n_sub),
+    }
+
+
+def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, per_image: dict,
+                 flags: list[dict], autoattack: dict, curves: dict, checkpoints: dict,
+                 eval_seconds: float, device: torch.device, splits: Splits) -> dict:
+    last = checkpoints["last"][0]
     history = read_history(run_dir / "history.jsonl")
-    curves = record_curves(history)
     pretraining = [dict(e) for e in last.get("pretraining") or []]  # clean-model service
     aa_summary = {"version": suite.eval.autoattack}
     for key, info in autoattack.items():
         aa_summary[key] = {k: v for k, v in info.items() if k != "log"}
+    sources = last.get("defense_sources") or {}
     return {
-        "schema": 1,
+        "schema": RECORD_SCHEMA,
         "run_id": spec.run_id,
         "row_name": spec.row_name,
         "spec": spec.to_dict(),
@@ -221,9 +355,17 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
                   "description": suite.description,
                   "label_noise": suite.data.label_noise,
                   "injected_feature": suite.data.injected_feature},
+        "models": {name: {"role": "trained" if name == "model" else "extra",
+                          "ranked": name == "model"} for name in metrics},
         "metrics": metrics,
+        "per_image": per_image,
+        "evaluation": evaluation_settings(suite, splits, device),
+        "checkpoints": {tag: {"file": f"{tag}.pt", "sha256": sha, "epoch": int(ckpt["epoch"])}
+                        for tag, (ckpt, sha) in checkpoints.items()},
+        "curve_recheck": curves,
         "history": {"best_epoch": last["best"]["epoch"], "epochs": suite.train.epochs,
-                    "best_val_robust": last["best"]["val_robust"], "curves": curves},
+                    "best_val_robust": last["best"]["val_robust"],
+                    "curves": record_curves(history)},
         "catastrophic_overfitting": catastrophic_overfitting_field(history),
         CO_RULE_KEY: CO_RULE_VERSION,
         "cost": {"train_seconds": float(last["seconds"]),
@@ -244,11 +386,12 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, flag
                                                     for e in pretraining)},
         "flags": flags,
         "extra_pretraining": pretraining,
-        "cards": {d.name: d.card.to_dict() for d in trainer.defenses},
-        "defense_params": {d.name: d.hparams for d in trainer.defenses},
+        "cards": last.get("cards") or {},
+        "defense_params": last.get("defense_params") or {},
         "autoattack": aa_summary,
         "autoattack_logs": {k: v.get("log", "") for k, v in autoattack.items()},
-        "versions": software_versions(),
+        "provenance": provenance(sources),
+        "versions": provenance(sources)["versions"],
         "device": device_description(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-RECORD_SCHEMA = 1
-RECORD_KEYS = ("schema", "run_id", "row_name", "spec", "suite", "metrics", "history", "cost")
+from leaderboard.schema import SCHEMA, SchemaError
+
+RECORD_SCHEMA = SCHEMA  # the version this ROBench writes
 
 
 class RecordError(ValueError):
@@ -96,13 +97,13 @@ def read_record(path: Path) -> dict:
 
 
 def validate_record(record: dict, where: str = "record") -> None:
-    missing = [k for k in RECORD_KEYS if k not in record]
-    if missing:
-        raise RecordError(f"{where}: missing keys {missing}")
-    if record["schema"] != RECORD_SCHEMA:
-        raise RecordError(f"{where}: schema {record['schema']} is not {RECORD_SCHEMA}")
-    if "model" not in record["metrics"]:
-        raise RecordError(f"{where}: metrics has no entry for the trained model 'model'")
+    """The record schema (`leaderboard.schema`); RecordError naming the file and field."""
+    from leaderboard.schema import validate_record as validate
+
+    try:
+        validate(record)
+    except SchemaError as exc:
+        raise RecordError(f"{where}: {exc}") from exc
 
 
 def software_versions() -> dict[str, str]:

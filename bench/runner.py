@@ -1,43 +1,47 @@
-"""Expands a suite into runs and launches them one after another on this
-machine. Runs are independent and resumable: a run folder that is half-done
-continues from `last.pt`, a trained but unevaluated one is only evaluated, and
-a finished one (with `record.json`) is skipped."""
+"""Launches runs: each run's training and its evaluation in processes of their own.
+
+The launcher (this module, in `robench run` and `scripts/run_full_evaluation.py`) never
+imports defense code. For each run it starts
+
+1. a training process (`python -m bench.worker train`): the only process in which the
+   submission's code runs; it builds the training splits (never the test split) and trains
+   or resumes the run in its folder;
+2. an evaluation process (`python -m bench.cli evaluate RUN_DIR`): builds the suite's
+   architecture from the checkpoints' weights and attacks it on the test split; it never
+   imports defense code.
+
+The suite travels to both on their standard input (not through a file a training process
+could rewrite). When the evaluation process is done, the launcher checks its record: the
+schema, the suite and run hashes it expects, and the sha256 of each checkpoint file. A
+failing process ends with one line (`RunFailedError`); what was kept stays kept.
+
+Runs are independent and resumable: a half-done run folder continues from `last.pt`, a
+trained but unevaluated one is only evaluated, and a finished one (with a valid
+`record.json`) is skipped.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import RunSpec, Suite, check_method, load_suite
-from bench.data import Splits, build_splits
-from bench.engine import RunMismatchError, Trainer, pick_device
-from bench.evaluate import evaluate_run
-from bench.records import read_record
-from defenses.base import build_defenses
+from bench.errors import RunFailedError, RunMismatchError
+from bench.records import RecordError, read_record
 
 DEFAULT_RESULTS = Path("results")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_dir_for(spec: RunSpec, results: Path) -> Path:
     return Path(results) / spec.suite / spec.run_id
-
-
-_SPLITS_CACHE: dict[tuple[str, str, str | None], Splits] = {}
-
-
-def splits_for(suite: Suite, data_root: str | None) -> Splits:
-    key = (suite.name, suite.protocol_hash, data_root)
-    if key not in _SPLITS_CACHE:
-        _SPLITS_CACHE[key] = build_splits(suite.data, data_root, suite.curves.size)
-    return _SPLITS_CACHE[key]
-
-
-def validate_spec(spec: RunSpec, suite: Suite) -> None:
-    """Fail fast on unknown methods/defenses/parameters and slot conflicts,
-    before any data is loaded or any training starts."""
-    check_method(spec.method)
-    build_defenses(spec.defenses, spec.method, suite)
 
 
 def check_record_matches(record: dict, spec: RunSpec, suite: Suite, path: Path) -> None:
@@ -45,11 +49,33 @@ def check_record_matches(record: dict, spec: RunSpec, suite: Suite, path: Path) 
     same suite settings for its defenses; otherwise say so instead of mixing versions."""
     expected = suite.run_hash(spec.defense_names)
     found = record.get("suite", {}).get("run_hash")
-    if found != expected:
+    if found != expected or record.get("suite", {}).get("hash") != suite.protocol_hash:
         raise RunMismatchError(
             f"{path} was made under another version of suite {suite.name!r} or of its "
             f"settings for {spec.row_name} (run hash {str(found)[:12]} vs {expected[:12]}); "
             "move or delete that run folder to rerun it")
+    if record.get("spec") != spec.to_dict():
+        raise RunMismatchError(f"{path} holds the record of another run ({record.get('spec')})")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_record_checkpoints(record: dict, run_dir: Path) -> None:
+    """The checkpoints a record scored are the files in its folder (sha256)."""
+    for tag, info in record["checkpoints"].items():
+        path = run_dir / info.get("file", f"{tag}.pt")
+        if not path.exists():
+            raise RecordError(f"{path} is missing: the record {run_dir / 'record.json'} scored it")
+        if sha256_file(path) != info["sha256"]:
+            raise RecordError(f"{path} is not the checkpoint that {run_dir / 'record.json'} "
+                              "scored (sha256 differs); re-evaluate the run with "
+                              f"`robench evaluate {run_dir}`")
 
 
 @dataclass
@@ -60,21 +86,92 @@ class RunResult:
     seconds: float
 
 
+@dataclass
+class Launch:
+    """How child processes are started (shared by every run of a launcher)."""
+
+    results: Path = DEFAULT_RESULTS
+    data_root: str | None = None
+    device: str | None = None
+    progress: bool = True
+    threads: int | None = None
+    debug: bool = False
+
+
+def child_environment() -> dict[str, str]:
+    """The launcher's environment, with this checkout first on PYTHONPATH (so the child
+    imports the same ROBench, installed or not)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_child(args: list[str], payload: dict, what: str, launch: Launch) -> str:
+    """Run `python -m <args>` with `payload` (JSON) on stdin; return its stdout. A failure
+    raises RunFailedError with the child's own one-line message."""
+    fd, error_file = tempfile.mkstemp(prefix="robench-error-", suffix=".txt")
+    os.close(fd)
+    try:
+        command = [sys.executable, "-m", *args, "--error-file", error_file]
+        if launch.debug:
+            command.append("--debug")
+        proc = subprocess.run(command, input=json.dumps(payload), text=True,
+                              stdout=subprocess.PIPE, env=child_environment(), cwd=os.getcwd())
+        message = Path(error_file).read_text().strip()
+    finally:
+        os.unlink(error_file)
+    if proc.returncode != 0:
+        if not message:
+            message = f"the process exited with status {proc.returncode} without a message"
+        raise RunFailedError(f"{what}: {message}")
+    return proc.stdout
+
+
+def train_in_child(spec: RunSpec, suite: Suite, launch: Launch) -> None:
+    payload = {"spec": spec.to_dict(), "suite": suite.to_dict(),
+               "results": str(launch.results), "data_root": launch.data_root,
+               "device": launch.device, "threads": launch.threads, "progress": launch.progress}
+    run_child(["bench.worker", "train"], payload, f"training {spec.row_name} seed {spec.seed}",
+              launch)
+
+
+def evaluate_in_child(run_dir: Path, suite: Suite, spec: RunSpec, launch: Launch) -> None:
+    args = ["bench.cli", "evaluate", str(run_dir), "--suite-json", "-"]
+    args += ["--data-root", launch.data_root] if launch.data_root else []
+    args += ["--device", launch.device] if launch.device else []
+    args += ["--threads", str(launch.threads)] if launch.threads else []
+    args += [] if launch.progress else ["--quiet"]
+    run_child(args, suite.to_dict(), f"evaluating {spec.row_name} seed {spec.seed}", launch)
+
+
 def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | None = None,
-            device: str | None = None, progress: bool = True,
-            suite: Suite | None = None) -> RunResult:
-    """Train (or resume) and evaluate one run; returns where its record is."""
+            device: str | None = None, progress: bool = True, suite: Suite | None = None,
+            threads: int | None = None, debug: bool = False) -> RunResult:
+    """Train (or resume) and evaluate one run, each in its own process; returns where its
+    record is. The record is checked against the suite and the checkpoint files."""
     suite = suite or load_suite(spec.suite)
-    validate_spec(spec, suite)
+    check_method(spec.method)
+    launch = Launch(Path(results), data_root, device, progress, threads, debug)
     run_dir = run_dir_for(spec, results)
     record_path = run_dir / "record.json"
     start = time.perf_counter()
     if record_path.exists():
         record = read_record(record_path)  # validates
         check_record_matches(record, spec, suite, record_path)
+        check_record_checkpoints(record, run_dir)
         return RunResult(spec, run_dir, record_path, 0.0)
-    torch_device = pick_device(device)
-    splits = splits_for(suite, data_root)
-    Trainer(spec, suite, splits, run_dir, device=torch_device, progress=progress).train()
-    evaluate_run(run_dir, suite, splits, device=torch_device, progress=progress)
+    train_in_child(spec, suite, launch)
+    evaluate_in_child(run_dir, suite, spec, launch)
+    record = read_record(record_path)
+    check_record_matches(record, spec, suite, record_path)
+    check_record_checkpoints(record, run_dir)
     return RunResult(spec, run_dir, record_path, time.perf_counter() - start)
+
+
+def plan_in_child(suite: str, defenses: list[str] | None, methods: list[str] | None,
+                  seeds: list[int] | None, launch: Launch) -> list[RunSpec]:
+    """`bench.planning.plan_runs` in a child process (it imports defense code)."""
+    out = run_child(["bench.worker", "plan"], {"suite": suite, "defenses": defenses,
+                                               "methods": methods, "seeds": seeds},
+                    "planning", launch)
+    return [RunSpec.from_dict(raw) for raw in json.loads(out)]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
@@ -30,6 +32,14 @@ SLOTS = ("objective", "augmentation", "update")
 CAPABILITIES = ("clean_logits", "per_sample_loss", "dataset_index", "raw_batch", "term_grads",
                 "clean_model")
 ENTRY_POINT_GROUP = "robench.defenses"
+# hook -> its parameters after `self` (what the engine passes)
+HOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
+    **{hook: ("state",) for hook in (
+        "setup", "on_epoch_start", "before_attack", "after_attack", "around_update",
+        "add_losses", "sample_weights", "objective_loss", "gradient_terms", "after_backward",
+        "after_step", "on_epoch_end", "eval_models")},
+    "check_run": ("method", "suite"),
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ class Defense(nn.Module):
       params: default hyperparameters; a run may override any of them.
       methods: base methods the defense composes with (empty = all).
       slots: single-owner slots it claims (`objective`, `augmentation`, `update`).
+      extra_models: names of the models besides the trained one that `eval_models` returns
+        (e.g. an EMA); the engine saves each as a state_dict of the suite's architecture in
+        every checkpoint, and the evaluator scores it as a sub-row of the defense's row.
       capabilities: what it needs the engine to compute or provide: per batch
         `clean_logits`, `per_sample_loss`, `dataset_index`, `raw_batch`, `term_grads`
         (the parameter gradient of each scalar `gradient_terms` returns, in
@@ -76,6 +89,7 @@ class Defense(nn.Module):
     methods: ClassVar[tuple[str, ...]] = ()
     slots: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[tuple[str, ...]] = ()
+    extra_models: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -130,7 +144,9 @@ class Defense(nn.Module):
     def on_epoch_end(self, state: TrainState) -> None: ...
 
     def eval_models(self, state: TrainState) -> dict[str, nn.Module]:
-        """Extra models to evaluate besides the trained model (e.g. an EMA)."""
+        """Extra models to evaluate besides the trained model (e.g. an EMA), by the names
+        declared in `extra_models`; each must be of the suite's architecture. Called at
+        every checkpoint; the evaluator scores the saved weights, never this module."""
         return {}
 
     # ---- state that is not a tensor (counters, optimizers) -----------------
@@ -176,7 +192,12 @@ def _load_builtin() -> None:
     import defenses  # noqa: F401  (imports the built-in modules)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise ConfigError(f"entry point {ep.name!r} ({ep.value}) of group "
+                              f"{ENTRY_POINT_GROUP!r}: "
+                              f"{import_problem(exc, ep.value.split(':')[0])}") from exc
         if ep.name not in _REGISTRY:
             register_defense(ep.name)(cls)
 
@@ -197,7 +218,11 @@ def _load_from_file(ref: str) -> type[Defense]:
         raise ConfigError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(import_problem(exc, str(path))) from exc
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Defense)):
         found = [n for n, v in vars(module).items()
@@ -205,9 +230,54 @@ def _load_from_file(ref: str) -> type[Defense]:
         raise ConfigError(
             f"{path} has no Defense subclass named {class_name!r}; it defines {found or 'none'}"
         )
+    if not isinstance(getattr(cls, "card", None), DefenseCard):
+        raise ConfigError(f"{path}: {class_name} has no DefenseCard in its `card` attribute; "
+                          "add `card = DefenseCard(name=..., paper=..., link=...)`")
     if not cls.name:
         cls.name = class_name.lower()
     return cls
+
+
+def import_problem(exc: BaseException, path: str) -> str:
+    """One line for a module that failed to import: file and line, and what to do."""
+    if isinstance(exc, SyntaxError):
+        return (f"{exc.filename or path}:{exc.lineno}: SyntaxError: {exc.msg}; fix the file "
+                "(`python -m py_compile FILE` shows the same)")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)]
+    own = [f for f in frames if Path(f.filename).resolve() == Path(path).resolve()]
+    where = f"{own[-1].filename}:{own[-1].lineno}" if own else path
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"{where}: needs the module {exc.name!r}, which is not installed here; "
+                f"install it (e.g. `pip install {exc.name}`) or remove the import")
+    return f"{where}: importing it raised {type(exc).__name__}: {exc}"
+
+
+def hook_signature_problems(cls: type) -> list[str]:
+    """Overridden hooks whose parameters differ from the base class's (the engine calls
+    each with the arguments in HOOK_PARAMETERS)."""
+    problems = []
+    for hook, expected in HOOK_PARAMETERS.items():
+        own = inspect.getattr_static(cls, hook, None)
+        if own is None or own is inspect.getattr_static(Defense, hook):
+            continue
+        func = own.__func__ if isinstance(own, (classmethod, staticmethod)) else own
+        if not callable(func):
+            problems.append(f"{hook} is not a method")
+            continue
+        try:
+            params = list(inspect.signature(func).parameters.values())[1:]  # without self
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            continue
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        keyword_only = [p for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+        if len(required) > len(expected) or len(positional) < len(expected) or keyword_only:
+            names = ", ".join(p.name for p in params)
+            problems.append(f"{hook}(self, {names}) should be {hook}(self, "
+                            f"{', '.join(expected)})")
+    return problems
 
 
 def resolve_defense(name: str) -> type[Defense]:
@@ -251,6 +321,10 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
                     f"{slot!r} slot; only one defense may own it"
                 )
             owners[slot] = spec.name
+        wrong = hook_signature_problems(cls)
+        if wrong:
+            raise ConfigError(f"defense {spec.name!r} ({_source(cls)}): hook signature(s) "
+                              f"differ from the base class: {'; '.join(wrong)}")
         unknown_caps = sorted(set(cls.capabilities) - set(CAPABILITIES))
         if unknown_caps:
             raise ConfigError(
@@ -265,14 +339,45 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
         user = spec.param_dict
         _check_params(cls, user, f"defense {spec.name!r}")
         values.update(user)
-        defense = cls(**values)
+        defense = _construct(cls, spec.name, values)
         extra_caps = sorted(set(defense.capabilities) - set(cls.capabilities))
         if extra_caps:
             raise ConfigError(f"defense {spec.name!r}: an instance may only narrow its "
                               f"class's capabilities, but adds {extra_caps}")
-        defense.check_run(method, suite)
+        try:
+            defense.check_run(method, suite)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"defense {spec.name!r} ({_raised_at(cls, exc)}): check_run "
+                              f"raised {type(exc).__name__}: {exc}") from exc
         built.append(defense)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"a defense is listed twice in {names}")
     return built
+
+
+def _source(cls: type) -> str:
+    try:
+        return inspect.getsourcefile(cls) or cls.__module__
+    except (TypeError, OSError):
+        return cls.__module__
+
+
+def _raised_at(cls: type, exc: BaseException) -> str:
+    """`file:line` where the defense's own code raised (else its source file)."""
+    own = _source(cls)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == own]
+    return f"{own}:{frames[-1].lineno}" if frames else own
+
+
+def _construct(cls: type[Defense], name: str, values: dict[str, Any]) -> Defense:
+    """`cls(**values)`, with a refusal of the parameters worded as one line."""
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"defense {name!r} ({_raised_at(cls, exc)}) refused its parameters "
+                          f"{values}: {type(exc).__name__}: {exc}") from exc

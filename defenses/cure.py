@@ -113,6 +113,7 @@ class CURE(Defense):
               "revision_rate": 0.2, "revision_decay": 0.999, "mode": "paper",
               "warm_start": True}
     methods = ("trades",)
+    extra_models = ("revision",)
     slots = ("objective", "update")
     capabilities = ("term_grads", "clean_model")
 

@@ -140,6 +140,7 @@ class FOMO(Defense):
               "ema_decay": 0.999, "ema_update_prob": 1.0, "lam": 0.1,
               "consistency": "mse", "consistency_phase": "relearn"}
     methods = ("at",)
+    extra_models = ("stable",)
 
     def __init__(self, rho: float = 0.1, period: int | None = None, until: float | None = None,
                  eligible_fraction: float = 0.5, skip_shortcuts: bool = True,

@@ -1,6 +1,7 @@
 """ROBench leaderboard: compiles plain `record.json` run records into tables and plots.
 
-Light on purpose: importing it never imports torch, `bench` or `defenses`. The public
+Light on purpose: importing it never imports torch, `bench` or `defenses` (compiling reads
+the installed suite files' protocol hashes through `bench.config`, lazily). The public
 names below are loaded lazily from `leaderboard.compile` (so `python -m leaderboard.compile`
 does not import that module twice).
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "LeaderboardWarning", "RecordsNotFoundError", "compile_tables", "load_records", "main",
-    "plot_curves", "write_leaderboard",
+    "InvalidRecordError", "LeaderboardWarning", "RecordsNotFoundError", "compile_tables",
+    "load_records", "main", "plot_curves", "write_leaderboard",
 ]
 
 

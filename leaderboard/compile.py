@@ -1,8 +1,11 @@
 """Compile run records into the leaderboard: Markdown, CSV, JSON and curve plots.
 
-    python -m leaderboard.compile --results results --out leaderboard_out
+    python -m leaderboard.compile --results results --out leaderboard_out [--strict]
 
-Reads plain `record.json` files only; imports neither torch nor `bench`/`defenses`.
+Reads plain `record.json` files only, each validated against the record schema
+(`leaderboard.schema`): an invalid one is left out with a warning, or with --strict stops
+the compile. Imports neither torch nor `defenses`; `bench.config` only to read the
+protocol hashes of the installed suite files (which table of a suite is the current one).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pandas as pd
 from leaderboard.markdown import render_markdown
 from leaderboard.plots import plot_groups
 from leaderboard.records import (
+    InvalidRecordError,
     LeaderboardWarning,
     RecordsNotFoundError,
     load_records,
@@ -26,14 +30,16 @@ from leaderboard.records import (
 from leaderboard.tables import COLUMNS, compile_tables, prepare, suite_table
 
 __all__ = [
-    "LeaderboardWarning", "RecordsNotFoundError", "load_records", "compile_tables",
-    "plot_curves", "write_leaderboard", "main",
+    "InvalidRecordError", "LeaderboardWarning", "RecordsNotFoundError", "load_records",
+    "compile_tables", "plot_curves", "write_leaderboard", "main",
 ]
+DOCUMENT_SCHEMA = 2  # of leaderboard.json
 
 
-def plot_curves(records: list[dict], out_dir: str | Path) -> list[Path]:
+def plot_curves(records: list[dict], out_dir: str | Path,
+                current_hashes: dict[str, str] | None = None) -> list[Path]:
     """One PNG per suite key: mean validation (solid) and train (dashed) robust accuracy."""
-    return plot_groups(prepare(records), out_dir)
+    return plot_groups(prepare(records, current_hashes), out_dir)
 
 
 def all_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -45,19 +51,24 @@ def all_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def _json_document(tables: dict[str, pd.DataFrame]) -> dict:
     rows = json.loads(all_rows(tables).to_json(orient="records", force_ascii=False))
-    return {"schema": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"schema": DOCUMENT_SCHEMA, "created": created,
             "suites": {key: dict(t.attrs) for key, t in tables.items()}, "rows": rows}
 
 
-def write_leaderboard(results_dir: str | Path, out_dir: str | Path,
-                      plots: bool = True) -> list[Path]:
+def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool = True,
+                      strict: bool = False,
+                      current_hashes: dict[str, str] | None = None) -> list[Path]:
     """Compile every record under `results_dir`; write leaderboard.md/.csv/.json (+ PNGs).
 
-    Returns the written paths: Markdown, CSV, JSON, then one curves PNG per suite key.
+    `strict`: an invalid record raises `InvalidRecordError` instead of being left out
+    with a warning. `current_hashes`: suite name -> protocol hash of the current suite
+    file (None: the installed suite files). Returns the written paths: Markdown, CSV,
+    JSON, then one curves PNG per suite key.
     """
-    records = load_records(results_dir)
-    groups = prepare(records)
-    tables = {key: suite_table(key, recs) for key, recs in groups.items()}
+    records = load_records(results_dir, strict=strict)
+    groups = prepare(records, current_hashes)
+    tables = {key: suite_table(group) for key, group in groups.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, csv, js = out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json"
@@ -78,19 +89,23 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: `python -m leaderboard.compile --results DIR --out DIR [--no-plots]`."""
+    """Command line: `python -m leaderboard.compile --results DIR --out DIR [--no-plots]
+    [--strict]`; exit code 2 when there is no usable record (or, strict, an invalid one)."""
     parser = argparse.ArgumentParser(prog="python -m leaderboard.compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="folder searched for record.json")
     parser.add_argument("--out", default="leaderboard_out", help="where the leaderboard goes")
     parser.add_argument("--no-plots", action="store_true", help="skip the curve PNGs")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first invalid record instead of leaving it out")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always", LeaderboardWarning)
         warnings.showwarning = _show_warning
         try:
-            paths = write_leaderboard(args.results, args.out, plots=not args.no_plots)
-        except RecordsNotFoundError as exc:
+            paths = write_leaderboard(args.results, args.out, plots=not args.no_plots,
+                                      strict=args.strict)
+        except (RecordsNotFoundError, InvalidRecordError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     for path in paths:

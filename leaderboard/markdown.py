@@ -7,14 +7,32 @@ from typing import Any
 
 import pandas as pd
 
+from leaderboard.tables import MARK_UNOFFICIAL
+
 DASH = "–"
 
 LEGEND = (
     "*best*: the checkpoint with the highest PGD robust accuracy on the held-out validation "
     "split (never the test set); *last*: the checkpoint after the final epoch. Accuracies in %, "
-    "mean ± sample standard deviation over seeds (no ± with a single seed); – = not measured. "
+    "mean ± sample standard deviation over the row's seeds (no ± with a single seed); – = not "
+    "measured; a trailing (k/n) = averaged over only k of the row's n seeds (the other seeds "
+    "have no value, e.g. AutoAttack did not run there). "
     "*gap* = best − last per seed, averaged: the size of robust overfitting. "
-    "*seeds*: seeds run / seeds the suite asks for (⚠ = incomplete). "
+    "*#*: the rank. Only the trained model is ranked, by last-checkpoint worst case "
+    "(descending; ties by row name). ↳ rows are extra models a defense keeps (e.g. an EMA or "
+    "a stable model), shown under their row and never ranked. "
+    "⚑ = not ranked: a sanity check of level *masking* (the gradients may be masked, so the "
+    "robust accuracy may be inflated) or *integrity* (what the training recorded does not "
+    "match the checkpoint) fired on the trained model for some seed or checkpoint; ⚑ rows "
+    "follow the ranked ones. † = a *health* check fired (e.g. clean accuracy near chance: "
+    "the model did not learn); the row keeps its rank. "
+    "*flags*: the masking, integrity and health checks that fired on some seed or checkpoint "
+    "of that model; *notes*: checks of level note (shown only, they change nothing). "
+    "*seeds*: seeds of the suite's list that were run / seeds the suite asks for (⚠ = "
+    "incomplete); runs with other seeds are listed apart and never ranked. "
+    "Runs are averaged only under identical effective settings (method, defenses, their "
+    "effective parameters, the suite's settings for them): rows of the same name show the "
+    "parameters that differ, or #hash of the suite settings when only those differ. "
     "*cost vs BASE*: mean training seconds per epoch relative to the suite's plain base row "
     "(PGD-AT, the `AT` row, where the suite has one; otherwise the first of TRADES, FGSM-RS, "
     "N-FGSM and standard training that it has) (process CPU seconds when every run of the "
@@ -23,9 +41,7 @@ LEGEND = (
     "needs) included, its seconds spread over the run's epochs; *passes vs BASE*: forward + "
     "backward passes relative to the base row, extra pretraining included. *extra "
     "pretraining*: what a row trained besides its own run, with its mean seconds (charged "
-    "in full to every row that uses it). "
-    "*flags*: sanity checks that fired on some seed or checkpoint. "
-    "Rows are sorted by last-checkpoint AutoAttack (PGD-20 where AutoAttack was not run)."
+    "in full to every row that uses it)."
 )
 CO_LEGEND = (
     "*CO*: catastrophic overfitting, seeds flagged / seeds checked and the earliest flagged "
@@ -33,6 +49,7 @@ CO_LEGEND = (
     "below its running maximum) while FGSM accuracy stayed high (at least its value at the "
     "PGD peak minus 10 points, and 20 points above PGD); see `bench/overfitting.py`."
 )
+UNOFFICIAL_HEADING = "### Runs with seeds the suite does not ask for (not ranked)"
 
 
 def _missing(value: Any) -> bool:
@@ -75,9 +92,98 @@ def co_cell(row: pd.Series) -> str:
     return f"{int(row['co_seeds'])}/{int(row['co_checked'])}{epoch}"
 
 
+def _subset(k: int, n: int) -> str:
+    return f"all {n}" if k >= n else f"the first {k} of the {n}"
+
+
+def attack_names(ev: dict) -> dict[str, str]:
+    """What each attack of `evaluation.worst_case.attacks` is called in the legend."""
+    aa = ev["autoattack"]
+    return {"clean": "clean classification", "pgd20": "PGD-20", "cw20": "CW-20",
+            "autoattack": aa["label"] or "AutoAttack",
+            "square": f"the Square check ({ev['square']['queries']} queries)"}
+
+
+def evaluation_legend(ev: dict) -> str:
+    """Which attacks ran on how many of how many test images, and what worst case means."""
+    n, aa, square = ev["n_images"], ev["autoattack"], ev["square"]
+    parts = [f"Clean accuracy, PGD-20 and CW-20 (CW-20 in the CSV/JSON files only) ran on "
+             f"all {n} test images"]
+    if aa["label"]:
+        parts.append(f"{aa['label']} (AutoAttack version `{aa['version']}`) on "
+                     f"{_subset(aa['n_images'], n)} test images")
+    else:
+        parts.append("AutoAttack was not run (– in its columns)")
+    if square["queries"]:
+        parts.append(f"the gradient-free Square check ({square['queries']} queries) on "
+                     f"{_subset(square['n_images'], n)} test images (those every gradient "
+                     "attack missed)")
+    names = attack_names(ev)
+    attacks = [names.get(a, a) for a in ev["worst_case"]["attacks"]]
+    listed = ", ".join(attacks[:-1]) + f" and {attacks[-1]}" if len(attacks) > 1 else attacks[0]
+    text = "; ".join(parts) + ". "
+    text += (f"*worst case*: the fraction of {_subset(ev['worst_case']['n_images'], n)} test "
+             "images that are robust to every attack: an image counts as robust only if every "
+             f"attack failed on it ({listed}). It is the ranking metric.")
+    if ev["worst_case"]["n_images"] < n or 0 < aa["n_images"] < n:
+        text += " (k img) in a header: the column was measured on k test images only."
+    return text
+
+
+def _img(k: int, n: int) -> str:
+    return f" ({k} img)" if 0 < k < n else ""
+
+
+def _cell(row: pd.Series, col: str) -> str:
+    text = pct(row[f"{col}_mean"], row[f"{col}_std"])
+    k, n = row[f"{col}_n"], row["n_seeds"]
+    if text != DASH and not _missing(k) and not _missing(n) and int(k) < int(n):
+        text += f" ({int(k)}/{int(n)})"
+    return text
+
+
+def rank_cell(row: pd.Series) -> str:
+    """The rank (with † where a health check fired), or the marks of an unranked row."""
+    rank = "" if pd.isna(row["rank"]) else str(int(row["rank"]))
+    return " ".join(p for p in (rank, str(row["marks"] or "")) if p)
+
+
+VALUE_CELLS = ("clean_best", "clean_last", "pgd20_best", "pgd20_last", "autoattack_best",
+               "autoattack_last", "worst_case_best", "worst_case_last", "gap_pgd20",
+               "gap_autoattack", "gap_worst_case")
+
+
+def _table(table: pd.DataFrame, headers: list[str], co: bool, extra: bool) -> str:
+    rows = []
+    for _, r in table.iterrows():
+        cells = [rank_cell(r), r["row"]] + [_cell(r, col) for col in VALUE_CELLS]
+        cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
+        cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]),
+                  r["flags"] or DASH, r["notes"] or DASH]
+        cells += [r["extra_pretraining"] or DASH] if extra else []
+        rows.append(cells)
+    return md_table(headers, rows)
+
+
+def _status_line(meta: dict) -> list[str]:
+    name, status = meta.get("name"), meta.get("status", "current")
+    this = str(meta.get("hash", ""))[:12]
+    if status == "other_version":
+        return [f"> Another version of suite `{name}`: these runs used a different suite file "
+                f"(protocol hash `{this}`; the installed file has "
+                f"`{str(meta.get('current_hash', ''))[:12]}`) and are not comparable with the "
+                f"current table `{name}`.", ""]
+    if status == "not_installed":
+        return [f"> No installed suite file is named `{name}`: this table is labelled by its "
+                f"protocol hash (`{this}`) and no table of this name is the current one.", ""]
+    return []
+
+
 def suite_markdown(table: pd.DataFrame) -> str:
-    """One suite's section: heading, protocol line, table, legend, defense cards."""
+    """One suite's section: heading, protocol line, ranked table, legend, the runs of other
+    seeds, defense cards."""
     meta = table.attrs
+    ev = meta["evaluation"]
     out = [f"## {meta.get('key', meta.get('name', '?'))}", ""]
     if meta.get("description"):
         out += [str(meta["description"]).strip(), ""]
@@ -85,30 +191,38 @@ def suite_markdown(table: pd.DataFrame) -> str:
     out += [f"Suite `{meta.get('name')}`, protocol hash `{str(meta.get('hash', ''))[:12]}`, "
             f"seeds expected: {', '.join(map(str, seeds)) or 'none listed'} ({len(seeds)}); "
             f"{meta.get('n_records', 0)} run record(s).", ""]
-    if not meta.get("current", True):
-        out += [f"> Older version of suite `{meta.get('name')}`: these runs used a different "
-                "suite file and are not comparable with the current table.", ""]
+    out += _status_line(meta)
     extra = bool(table["extra_pretraining"].astype(str).str.len().gt(0).any())
     co = "co_seeds" in table.columns
     bases = [b for b in table["cost_base"].astype(str).unique() if b]
     base = bases[0] if bases else "AT"
+    n = ev["n_images"]
+    aa = ev["autoattack"]["column"] + _img(ev["autoattack"]["n_images"], n)
+    aa_best = f"{ev['autoattack']['column']} best{_img(ev['autoattack']['n_images'], n)}"
+    aa_last = f"{ev['autoattack']['column']} last{_img(ev['autoattack']['n_images'], n)}"
+    wc = _img(ev["worst_case"]["n_images"], n)
     headers = ["#", "row", "clean best", "clean last", "PGD-20 best", "PGD-20 last",
-               "AutoAttack best", "AutoAttack last", "gap PGD-20", "gap AutoAttack",
-               "best epoch"] + (["CO"] if co else []) + [
-               "seeds", f"cost vs {base}", f"passes vs {base}", "flags"]
+               aa_best, aa_last, f"worst case best{wc}", f"worst case last{wc}",
+               "gap PGD-20", f"gap {aa}", f"gap worst case{wc}", "best epoch"]
+    headers += (["CO"] if co else []) + ["seeds", f"cost vs {base}", f"passes vs {base}",
+                                         "flags", "notes"]
     headers += ["extra pretraining"] if extra else []
-    rows = []
-    for i, (_, r) in enumerate(table.iterrows(), start=1):
-        cells = [str(i), r["row"]]
-        for col in ("clean_best", "clean_last", "pgd20_best", "pgd20_last", "autoattack_best",
-                    "autoattack_last", "gap_pgd20", "gap_autoattack"):
-            cells.append(pct(r[f"{col}_mean"], r[f"{col}_std"]))
-        cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
-        cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]),
-                  r["flags"] or DASH]
-        cells += [r["extra_pretraining"] or DASH] if extra else []
-        rows.append(cells)
-    out += [md_table(headers, rows), "", LEGEND + (" " + CO_LEGEND if co else ""), ""]
+    official = table[table["official"].astype(bool)]
+    others = table[~table["official"].astype(bool)]
+    legend = (evaluation_legend(ev) + " " + LEGEND.replace("BASE", base)
+              + (" " + CO_LEGEND if co else ""))
+    if len(official):
+        out += [_table(official, headers, co, extra), ""]
+    else:
+        out += ["No run of this suite used the seeds it asks for.", ""]
+    out += [legend, ""]
+    if len(others):
+        listed = ", ".join(map(str, seeds))
+        out += [UNOFFICIAL_HEADING, "",
+                f"{MARK_UNOFFICIAL} Runs whose seeds are not in the suite's list ({listed}): "
+                "shown apart for information, never averaged into the rows above and never "
+                "ranked; each row names its seeds.", "",
+                _table(others, headers, co, extra), ""]
     cards = meta.get("cards") or {}
     if cards:
         out += ["### Defenses", ""]

@@ -1,4 +1,8 @@
-"""Robust-overfitting curves: mean train/validation robust accuracy per row, one PNG per suite."""
+"""Robust-overfitting curves: mean train/validation robust accuracy per row, one PNG per suite.
+
+Only the trained model has curves (the record's `history` is the training run's), and only
+the official rows are drawn: the runs with seeds the suite does not ask for stay out, as
+they stay out of the table's ranked rows."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaderboard.tables import config_key, row_labels
+from leaderboard.tables import SuiteGroup, buckets
 
 
 def _mean_curves(records: list[dict]) -> pd.DataFrame | None:
@@ -32,7 +36,13 @@ def _mean_curves(records: list[dict]) -> pd.DataFrame | None:
     return merged.groupby("epoch").mean().sort_index()
 
 
-def plot_groups(groups: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+def curve_rows(group: SuiteGroup) -> dict[str, list[dict]]:
+    """Row label -> records whose curves are drawn: the official rows only (the curves
+    are the trained model's; extra models have none)."""
+    return {b.row: b.records for b in buckets(group) if b.official}
+
+
+def plot_groups(groups: dict[str, SuiteGroup], out_dir: str | Path) -> list[Path]:
     """Write `curves_<suite key>.png` for each suite key with curves; return the paths."""
     import matplotlib
 
@@ -42,11 +52,8 @@ def plot_groups(groups: dict[str, list[dict]], out_dir: str | Path) -> list[Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for key, records in groups.items():
-        labels = row_labels(records)
-        by_row: dict[str, list[dict]] = {}
-        for rec in records:
-            by_row.setdefault(labels[config_key(rec["spec"])], []).append(rec)
+    for key, group in groups.items():
+        by_row = curve_rows(group)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = 0
         for label in sorted(by_row):

@@ -1,16 +1,34 @@
-"""Records -> one pandas table per suite: mean ± std over seeds, gaps, cost vs the base row.
+"""Records -> one pandas table per suite version: mean ± std over seeds, gaps, cost, ranks.
 
-Suite versions: records are grouped by suite name, then by suite hash. The hash
-with the newest record (`created`) keeps the plain suite name; every older hash
-becomes its own table keyed ``"<name>@<hash[:8]>"`` (with a `LeaderboardWarning`),
-so numbers made under different protocol files are never averaged together.
+Suite versions. Records are grouped by suite name, then by protocol hash. The *current*
+table of a suite (keyed by its plain name) holds the records made under the protocol of
+the INSTALLED suite file (`current_hashes`: suite name -> protocol hash, by default read
+from `bench.config`); records made under any other hash get their own table keyed
+``"<name>@<hash[:8]>"`` (with a `LeaderboardWarning`), never averaged with the current
+one. A suite name with no installed file has no current table: each of its hashes gets a
+labelled ``name@hash8`` table.
+
+Rows. A row is one (method, defenses, EFFECTIVE defense parameters, suite run hash)
+configuration: runs made under different effective settings are never averaged. Only the
+seeds the suite asks for enter a row; runs with other seeds form rows of their own, kept
+apart and never ranked. Each extra model a defense keeps (an EMA, ...) is a sub-row under
+its row, never ranked.
+
+Ranking. Only the trained model is ranked, by the mean last-checkpoint worst case (the
+per-image fraction robust to every attack), descending, ties by row label. A row whose
+trained model raised a `masking` or `integrity` flag on any seed or checkpoint is not
+ranked (mark ⚑, listed after the ranked rows); a `health` flag marks it (†) but it keeps
+its rank; `note` flags only go to the `notes` column.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -26,17 +44,37 @@ from leaderboard.records import (
 )
 
 DECIMALS = 6
-VALUE_COLUMNS = [f"{m}_{c}" for m in METRICS for c in CHECKPOINTS] + ["gap_pgd20", "gap_autoattack"]
+TRAINED = "model"  # the trained model's name in `metrics`; the only one ever ranked
+GAP_METRICS = ("pgd20", "autoattack", "worst_case")
+VALUE_COLUMNS = ([f"{m}_{c}" for m in METRICS for c in CHECKPOINTS]
+                 + [f"gap_{m}" for m in GAP_METRICS])
+STATS = ("mean", "std", "n")  # `_n`: the seeds a value was averaged over
 COLUMNS = (
-    ["suite", "row", "row_name", "model", "method", "defenses"]
-    + [f"{v}_{s}" for v in VALUE_COLUMNS for s in ("mean", "std")]
-    + ["best_epoch_mean", "epochs", "n_seeds", "seeds_expected", "seeds",
+    ["suite", "rank", "row", "row_name", "model", "official", "marks", "method", "defenses",
+     "params", "run_hash"]
+    + [f"{v}_{s}" for v in VALUE_COLUMNS for s in STATS]
+    + ["best_epoch_mean", "epochs", "n_seeds", "seeds_expected", "seeds", "seed_list",
        "seconds_per_epoch_mean", "passes_mean", "cost_vs_base", "passes_vs_base", "cost_base",
-       "pretraining_seconds_mean", "extra_pretraining", "flags", "run_ids"]
+       "pretraining_seconds_mean", "extra_pretraining", "flags", "notes", "run_ids"]
 )
 # catastrophic overfitting, only in the tables of suites with CO data (see `has_co_data`):
 # seeds flagged, seeds whose record was checked, earliest flagged epoch
 CO_COLUMNS = ["co_seeds", "co_checked", "co_epoch_min"]
+
+# flag levels (leaderboard.schema.FLAG_LEVELS) and the marks they give a row
+UNRANKED_LEVELS = ("masking", "integrity")
+HEALTH_LEVEL = "health"
+NOTE_LEVEL = "note"
+MARK_UNRANKED = "⚑"  # a masking or integrity flag: not ranked
+MARK_HEALTH = "†"  # a health flag: marked, still ranked
+MARK_UNOFFICIAL = "○"  # seeds the suite does not ask for: kept apart, never ranked
+SUB_ROW = "↳"
+
+# status of a suite table
+CURRENT, OTHER_VERSION, NOT_INSTALLED = "current", "other_version", "not_installed"
+
+AA_LABELS = {"standard": "AutoAttack", "apgd": "APGD-CE+APGD-T",
+             "reduced": "APGD-CE+APGD-T (reduced)"}
 
 
 def _num(value: Any) -> float:
@@ -46,48 +84,242 @@ def _num(value: Any) -> float:
     return math.nan
 
 
-def config_key(spec: dict) -> str:
-    """A run spec without its seed and suite: what makes one leaderboard row."""
-    return canonical({k: v for k, v in spec.items() if k not in ("seed", "suite")})
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def split_by_suite(records: list[dict]) -> dict[str, list[dict]]:
+# ---------------------------------------------------------------------------- suite versions
+
+def installed_suite_hashes() -> dict[str, str]:
+    """Suite name -> protocol hash of every installed suite file (`bench/suites/*.toml`).
+
+    `bench.config` is imported here, lazily (it imports only the standard library); a
+    suite file that fails to load is skipped."""
+    from bench.config import list_suites, load_suite
+
+    hashes = {}
+    for name in list_suites():
+        try:
+            hashes[name] = load_suite(name).protocol_hash
+        except Exception:  # a broken suite file must not stop the leaderboard
+            continue
+    return hashes
+
+
+@dataclass
+class SuiteGroup:
+    """The records of one suite name and protocol hash: one leaderboard table."""
+
+    key: str
+    name: str
+    hash: str
+    status: str  # CURRENT, OTHER_VERSION or NOT_INSTALLED
+    current_hash: str | None  # the installed suite file's protocol hash, if any
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def newest(self) -> dict:
+        return max(self.records, key=created_at)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds this table expects. The seeds are part of the protocol hash, so the
+        records of one table all carry the same list (for the current table: the installed
+        suite file's); the newest record's list wins should they not."""
+        return list(self.newest["suite"].get("seeds") or [])
+
+
+def split_by_suite(records: list[dict],
+                   current_hashes: dict[str, str]) -> dict[str, SuiteGroup]:
     """Group records by suite key; see the module docstring for how hashes are kept apart."""
     by_name: dict[str, dict[str, list[dict]]] = {}
     for rec in records:
         suite = rec["suite"]
         by_name.setdefault(suite["name"], {}).setdefault(suite["hash"], []).append(rec)
-    out: dict[str, list[dict]] = {}
+    out: dict[str, SuiteGroup] = {}
     for name in sorted(by_name):
         hashes = by_name[name]
-        order = sorted(hashes, reverse=True,
-                       key=lambda h: (max(created_at(r) for r in hashes[h]), len(hashes[h]), h))
-        out[name] = hashes[order[0]]
-        for old in order[1:]:
-            key = f"{name}@{old[:8]}"
+        current = current_hashes.get(name)
+        order = sorted(hashes, reverse=True, key=lambda h: (
+            h == current, max(created_at(r) for r in hashes[h]), len(hashes[h]), h))
+        if current is None:
+            keys = [f"{name}@{h[:8]}" for h in order]
             warnings.warn(
-                f"suite {name!r}: {len(hashes[old])} record(s) were made under an older suite file "
-                f"(hash {old[:12]}, newest is {order[0][:12]}); listed apart as {key!r}, "
-                "not averaged with the current suite", LeaderboardWarning, stacklevel=3)
-            out[key] = hashes[old]
+                f"suite {name!r} has no installed suite file: its records are listed by "
+                f"protocol hash ({', '.join(map(repr, keys))}), none as the current table",
+                LeaderboardWarning, stacklevel=3)
+        for h in order:
+            if h == current:
+                out[name] = SuiteGroup(name, name, h, CURRENT, current, hashes[h])
+                continue
+            key = f"{name}@{h[:8]}"
+            if current is not None:
+                warnings.warn(
+                    f"suite {name!r}: {len(hashes[h])} record(s) were made under another "
+                    f"version of the suite file (protocol hash {h[:12]}; the installed file "
+                    f"has {current[:12]}); listed apart as {key!r}, not comparable with the "
+                    "current table", LeaderboardWarning, stacklevel=3)
+            out[key] = SuiteGroup(key, name, h, OTHER_VERSION if current else NOT_INSTALLED,
+                                  current, hashes[h])
     return out
 
 
-def deduplicate(records: list[dict]) -> list[dict]:
-    """Keep one record per (suite hash, run spec incl. seed): the newest, else the first by path."""
+# ---------------------------------------------------------------------------------- rows
+
+def defense_names(rec: dict) -> list[str]:
+    return [d["name"] for d in rec["spec"].get("defenses", [])]
+
+
+def row_key(rec: dict) -> str:
+    """What makes one leaderboard row: method, defenses (in order), their effective
+    parameters and the suite's run hash (protocol + the suite's settings for them)."""
+    return canonical({"method": rec["spec"]["method"], "defenses": defense_names(rec),
+                      "params": rec["defense_params"], "run_hash": rec["suite"]["run_hash"]})
+
+
+def deduplicate(key: str, records: list[dict]) -> list[dict]:
+    """Keep one record per (row key, seed): the newest, else the first by path."""
     kept: dict[str, dict] = {}
     for rec in records:
-        key = canonical([rec["suite"]["hash"], rec["spec"]])
-        if key not in kept:
-            kept[key] = rec
+        dup = canonical([row_key(rec), rec["spec"]["seed"]])
+        if dup not in kept:
+            kept[dup] = rec
             continue
-        keep, drop = sorted([kept[key], rec], key=created_at, reverse=True)
+        keep, drop = sorted([kept[dup], rec], key=created_at, reverse=True)
         warnings.warn(
-            f"duplicate run {rec['row_name']} seed {rec['spec']['seed']} "
-            f"(suite {rec['suite']['name']}): keeping {keep.get('_path', keep['run_id'])}, "
-            f"ignoring {drop.get('_path', drop['run_id'])}", LeaderboardWarning, stacklevel=3)
-        kept[key] = keep
+            f"duplicate run {rec['row_name']} seed {rec['spec']['seed']} (suite {key}): "
+            f"keeping {keep.get('_path', keep['run_id'])}, ignoring "
+            f"{drop.get('_path', drop['run_id'])}", LeaderboardWarning, stacklevel=3)
+        kept[dup] = keep
     return list(kept.values())
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def params_text(rec: dict) -> str:
+    """'awp(gamma=0.01); fomo(rho=0.1, ...)': the effective parameters of each defense."""
+    parts = []
+    for name in defense_names(rec):
+        params = rec["defense_params"].get(name) or {}
+        inner = ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(params.items()))
+        parts.append(f"{name}({inner})" if inner else name)
+    return "; ".join(parts)
+
+
+_MISSING = object()
+
+
+def _param(rec: dict, defense: str, param: str) -> Any:
+    return (rec["defense_params"].get(defense) or {}).get(param, _MISSING)
+
+
+def _differing_params(configs: list[dict]) -> list[tuple[str, str]]:
+    """(defense, parameter) pairs whose effective value is not the same in all configs."""
+    pairs: dict[tuple[str, str], None] = {}
+    for rec in configs:
+        for name in defense_names(rec):
+            for param in sorted(rec["defense_params"].get(name) or {}):
+                pairs.setdefault((name, param))
+    differing = []
+    for name, param in pairs:
+        values = {"<absent>" if (v := _param(rec, name, param)) is _MISSING else canonical(v)
+                  for rec in configs}
+        if len(values) > 1:
+            differing.append((name, param))
+    return differing
+
+
+def row_labels(records: list[dict]) -> dict[str, str]:
+    """Map row key -> label. Rows sharing a row_name are told apart by the effective
+    parameters that differ between them (`AT+AWP (gamma=0.005)`), or by their run hash
+    (`AT+AWP #1a2b3c`) when the parameters are the same."""
+    configs = {row_key(r): r for r in records}
+    by_name: dict[str, list[str]] = {}
+    for key, rec in configs.items():
+        by_name.setdefault(rec["row_name"], []).append(key)
+    labels: dict[str, str] = {}
+    for name, keys in by_name.items():
+        if len(keys) == 1:
+            labels[keys[0]] = name
+            continue
+        differing = _differing_params([configs[k] for k in keys])
+        counts = Counter(param for _, param in differing)
+        for key in keys:
+            parts = []
+            for defense, param in differing:
+                value = _param(configs[key], defense, param)
+                shown = param if counts[param] == 1 else f"{defense}.{param}"
+                parts.append(f"{shown}={'–' if value is _MISSING else _value_text(value)}")
+            labels[key] = f"{name} ({', '.join(parts)})" if parts else name
+    clashes = Counter(labels.values())
+    for key, label in labels.items():
+        if clashes[label] > 1:  # same effective parameters: the suite settings differ
+            labels[key] = f"{label} #{configs[key]['suite']['run_hash'][:6]}"
+    clashes = Counter(labels.values())
+    for key, label in labels.items():
+        if clashes[label] > 1:  # last resort (e.g. the same run hash prefix)
+            labels[key] = f"{label}/{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+    return labels
+
+
+@dataclass
+class Bucket:
+    """The runs averaged into one row (with its sub-rows): one configuration, and either
+    the seeds the suite asks for (`official`) or the others."""
+
+    key: str
+    label: str
+    official: bool
+    records: list[dict]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r["spec"]["seed"] for r in self.records)
+
+    @property
+    def row(self) -> str:
+        if self.official:
+            return self.label
+        seeds = self.seeds
+        return f"{self.label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+
+
+def buckets(group: SuiteGroup) -> list[Bucket]:
+    """The rows of a suite table (official ones first), before aggregation."""
+    expected = set(group.seeds)
+    labels = row_labels(group.records)
+    out: dict[tuple[bool, str], Bucket] = {}
+    for rec in group.records:
+        official = not expected or rec["spec"]["seed"] in expected
+        key = row_key(rec)
+        out.setdefault((official, key), Bucket(key, labels[key], official, [])).records.append(rec)
+    return sorted(out.values(), key=lambda b: (not b.official, b.label))
+
+
+def warn_mixed_provenance(key: str, bucket: Bucket) -> None:
+    """Warn when the seeds of one row were made from different defense source files
+    (provenance.defense_sources sha256) or different git commits."""
+    sources: dict[str, set[str]] = {}
+    commits: set[str] = set()
+    for rec in bucket.records:
+        prov = rec.get("provenance") or {}
+        for name, info in (prov.get("defense_sources") or {}).items():
+            if isinstance(info, dict) and isinstance(info.get("sha256"), str):
+                sources.setdefault(name, set()).add(info["sha256"])
+        if isinstance(prov.get("git_commit"), str) and prov["git_commit"]:
+            commits.add(prov["git_commit"])
+    problems = [f"{len(shas)} different source files of defense {name!r}"
+                for name, shas in sorted(sources.items()) if len(shas) > 1]
+    if len(commits) > 1:
+        problems.append(f"{len(commits)} different git commits "
+                        f"({', '.join(sorted(c[:10] for c in commits))})")
+    if problems:
+        warnings.warn(
+            f"suite {key!r}, row {bucket.row!r}: its seeds were made from "
+            f"{' and '.join(problems)}; they are averaged as one row, so check that the "
+            "code did not change what the runs measure", LeaderboardWarning, stacklevel=3)
 
 
 def warn_mixed_co_rules(key: str, records: list[dict]) -> None:
@@ -109,40 +341,20 @@ def warn_mixed_co_rules(key: str, records: list[dict]) -> None:
         stacklevel=3)
 
 
-def prepare(records: list[dict]) -> dict[str, list[dict]]:
-    """Split records by suite key, then deduplicate each group (warning about mixed CO
-    rule versions)."""
-    groups = {key: deduplicate(recs) for key, recs in split_by_suite(records).items()}
-    for key, recs in groups.items():
-        warn_mixed_co_rules(key, recs)
+def prepare(records: list[dict],
+            current_hashes: dict[str, str] | None = None) -> dict[str, SuiteGroup]:
+    """Split records by suite key (`current_hashes`: None = the installed suite files),
+    deduplicate each group and warn about mixed CO rule versions."""
+    if current_hashes is None:
+        current_hashes = installed_suite_hashes()
+    groups = split_by_suite(records, current_hashes)
+    for key, group in groups.items():
+        group.records = deduplicate(key, group.records)
+        warn_mixed_co_rules(key, group.records)
     return groups
 
 
-def _defenses_text(spec: dict) -> str:
-    parts = []
-    for d in spec.get("defenses", []):
-        params = d.get("params") or {}
-        inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
-        parts.append(f"{d.get('name', '?')}({inner})" if inner else str(d.get("name", "?")))
-    return "; ".join(parts)
-
-
-def row_labels(records: list[dict]) -> dict[str, str]:
-    """Map config key -> row label; configs sharing a row_name get their parameters appended."""
-    specs = {config_key(r["spec"]): r for r in records}
-    names = {cfg: rec["row_name"] for cfg, rec in specs.items()}
-    labels = {}
-    for cfg, name in names.items():
-        if list(names.values()).count(name) == 1:
-            labels[cfg] = name
-        else:
-            labels[cfg] = f"{name} ({_defenses_text(specs[cfg]['spec']) or 'no params'})"
-    clashes = {label for label in labels.values() if list(labels.values()).count(label) > 1}
-    for cfg, label in labels.items():
-        if label in clashes:  # parameters alone don't tell them apart: add a short spec hash
-            labels[cfg] = f"{label} #{hashlib.sha256(cfg.encode()).hexdigest()[:6]}"
-    return labels
-
+# ------------------------------------------------------------------------------ per run
 
 def has_cpu_clock(records: list[dict]) -> bool:
     """True when every record has the process CPU seconds of every training epoch (CPU
@@ -197,56 +409,122 @@ def _pretraining(rec: dict) -> tuple[float, float, list[str]]:
     return seconds, passes, [str(e.get("what", "?")) for e in extras]
 
 
-def run_rows(rec: dict, label: str, clock: str = "wall") -> list[dict]:
-    """One flat row per evaluated model of one run (one seed). The cost columns count the
+def run_rows(rec: dict, clock: str = "wall") -> dict[str, dict]:
+    """Model name -> one flat row of one run (one seed). The cost columns count the
     extra pretraining: `cost_per_epoch` adds its seconds spread over the run's epochs,
     `passes` adds its passes."""
-    spec, cost, hist = rec["spec"], rec.get("cost") or {}, rec.get("history") or {}
+    cost, hist = rec.get("cost") or {}, rec.get("history") or {}
     pre, pre_passes, extras = _pretraining(rec)
     epochs = _num(hist.get("epochs"))
     per_epoch = _seconds_per_epoch(rec, clock)
     amortised = pre / epochs if pre > 0 and epochs > 0 else 0.0
     base = {
-        "config": config_key(spec), "row_name": rec["row_name"], "method": spec["method"],
-        "defenses": _defenses_text(spec), "seed": spec["seed"], "run_id": rec["run_id"],
+        "seed": rec["spec"]["seed"], "run_id": rec["run_id"],
         "best_epoch": _num(hist.get("best_epoch")), "epochs": epochs,
         "seconds_per_epoch": per_epoch, "cost_per_epoch": per_epoch + amortised,
         "passes": (_num(cost.get("forward_passes")) + _num(cost.get("backward_passes"))
                    + (pre_passes if pre_passes > 0 else 0.0)),
         "pretraining_seconds": pre, "extra": extras,
     }
-    rows = []
+    rows = {}
     for model, per_ckpt in rec["metrics"].items():
-        trained = model == "model"  # the curves (so the CO check) are the trained model's
-        row = dict(base, model=model,
-                   row=label if trained else f"{label} [{model}]",
-                   co_checked=trained and CO_KEY in rec,
+        trained = model == TRAINED  # the curves (so the CO check) are the trained model's
+        flags = [f for f in rec["flags"] if f.get("model") == model]
+        row = dict(base, co_checked=trained and CO_KEY in rec,
                    co_epoch=_co_epoch(rec) if trained else math.nan,
-                   flags=[str(f.get("check", "?")) for f in rec.get("flags") or []
-                          if isinstance(f, dict) and f.get("model") in (None, model)])
+                   levels={f["level"] for f in flags},
+                   flags=[f["check"] for f in flags if f["level"] != NOTE_LEVEL],
+                   notes=[f["check"] for f in flags if f["level"] == NOTE_LEVEL])
         for metric in METRICS:
             for ckpt in CHECKPOINTS:
                 row[f"{metric}_{ckpt}"] = _num(per_ckpt[ckpt].get(metric))
-        row["gap_pgd20"] = row["pgd20_best"] - row["pgd20_last"]
-        row["gap_autoattack"] = row["autoattack_best"] - row["autoattack_last"]
-        rows.append(row)
+        for metric in GAP_METRICS:  # best - last per seed (NaN when either is missing)
+            row[f"gap_{metric}"] = row[f"{metric}_best"] - row[f"{metric}_last"]
+        rows[model] = row
     return rows
 
 
-def _unique(lists: pd.Series) -> str:
-    seen: dict[str, None] = {}
-    for items in lists:
-        seen.update(dict.fromkeys(items))
-    return ", ".join(sorted(seen))
+# ---------------------------------------------------------------------------- aggregation
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample std (NaN below 2 values) and count of the non-NaN values."""
+    vals = [v for v in values if not math.isnan(v)]
+    n = len(vals)
+    if not n:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else math.nan
+    return mean, std, n
 
 
-def _extra_text(grp: pd.DataFrame) -> str:
+def _mean(values: list[float]) -> float:
+    return _stats(values)[0]
+
+
+def _unique(lists: list[list[str]]) -> str:
+    return ", ".join(sorted({item for items in lists for item in items}))
+
+
+def _extra_text(runs: list[dict]) -> str:
     """'clean model (standard training, 200 epochs) (1234 s)': what, and its mean seconds."""
-    what = _unique(grp["extra"])
-    seconds = grp["pretraining_seconds"].mean()
+    what = _unique([r["extra"] for r in runs])
+    seconds = _mean([r["pretraining_seconds"] for r in runs])
     if not what or not seconds > 0:
         return what
     return f"{what} ({seconds:.0f} s)" if seconds >= 10 else f"{what} ({seconds:.1f} s)"
+
+
+def _marks(levels: set[str], official: bool) -> str:
+    marks = MARK_UNRANKED if levels & set(UNRANKED_LEVELS) else ""
+    marks += MARK_HEALTH if HEALTH_LEVEL in levels else ""
+    return marks + ("" if official else MARK_UNOFFICIAL)
+
+
+def bucket_rows(key: str, bucket: Bucket, expected: list[int], clock: str) -> list[dict]:
+    """The aggregated rows of one bucket: the trained model, then each extra model."""
+    per_run = [run_rows(rec, clock) for rec in bucket.records]
+    n = len(bucket.records)
+    models = sorted({m for runs in per_run for m in runs}, key=lambda m: (m != TRAINED, m))
+    first = bucket.records[0]
+    n_expected = len(expected)
+    if bucket.official and n_expected:
+        seeds = f"{n}/{n_expected}" + (" ⚠" if n < n_expected else "")
+    else:
+        seeds = str(n)
+    rows = []
+    for model in models:
+        runs = [r[model] for r in per_run if model in r]
+        trained = model == TRAINED
+        levels = set().union(*(r["levels"] for r in runs))
+        row = {"suite": key, "rank": None,
+               "row": bucket.row if trained else f"{SUB_ROW} {bucket.row} [{model}]",
+               "row_name": first["row_name"], "model": model, "official": bucket.official,
+               "marks": _marks(levels, bucket.official),
+               "method": first["spec"]["method"], "defenses": "+".join(defense_names(first)),
+               "params": params_text(first), "run_hash": first["suite"]["run_hash"],
+               "_ranked": bucket.official and trained and not levels & set(UNRANKED_LEVELS)}
+        for col in VALUE_COLUMNS:
+            # `_n` < `n_seeds` where a seed has no value (or lacks this extra model)
+            row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = _stats(
+                [r[col] for r in runs])
+        epochs = {r["epochs"] for r in runs if not math.isnan(r["epochs"])}
+        co_epochs = [r["co_epoch"] for r in runs if not math.isnan(r["co_epoch"])]
+        row.update(
+            best_epoch_mean=_mean([r["best_epoch"] for r in runs]),
+            epochs=epochs.pop() if len(epochs) == 1 else math.nan,
+            n_seeds=n, seeds_expected=n_expected, seeds=seeds,
+            seed_list=",".join(str(s) for s in bucket.seeds),
+            seconds_per_epoch_mean=_mean([r["seconds_per_epoch"] for r in runs]),
+            cost_per_epoch_mean=_mean([r["cost_per_epoch"] for r in runs]),
+            passes_mean=_mean([r["passes"] for r in runs]),
+            pretraining_seconds_mean=_mean([r["pretraining_seconds"] for r in runs]),
+            extra_pretraining=_extra_text(runs), flags=_unique([r["flags"] for r in runs]),
+            notes=_unique([r["notes"] for r in runs]),
+            run_ids=",".join(sorted(r["run_id"] for r in runs)),
+            co_seeds=len(co_epochs), co_checked=sum(bool(r["co_checked"]) for r in runs),
+            co_epoch_min=min(co_epochs) if co_epochs else math.nan)
+        rows.append(row)
+    return rows
 
 
 # The base row the cost columns divide by: plain PGD-AT where the suite has it, otherwise
@@ -254,49 +532,86 @@ def _extra_text(grp: pd.DataFrame) -> str:
 BASE_METHODS = ("at", "trades", "fgsm_rs", "n_fgsm", "standard")
 
 
-def _base_row(table: pd.DataFrame) -> pd.Series | None:
-    plain = table[(table["defenses"].map(lambda d: not d)) & (table["model"] == "model")]
+def _base_row(families: list[list[dict]]) -> dict | None:
+    plain = [f[0] for f in families if f[0]["official"] and not f[0]["defenses"]]
     for method in BASE_METHODS:
-        rows = plain[plain["method"].astype(str).str.lower() == method]
-        if len(rows):
-            return rows.iloc[0]
+        rows = [r for r in plain if str(r["method"]).lower() == method]
+        if rows:
+            return rows[0]
     return None
 
 
-def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
-    """Aggregate one suite's (deduplicated) records into its leaderboard table."""
-    labels = row_labels(records)
+def _order(families: list[list[dict]]) -> list[list[dict]]:
+    """Official ranked rows by last worst case (descending, ties by row label), then the
+    official unranked rows, then the rows of seeds the suite does not ask for; each row
+    followed by its sub-rows."""
+    def key(family: list[dict]) -> tuple:
+        head = family[0]
+        worst = head["worst_case_last_mean"]
+        return (not head["official"], not head["_ranked"], math.isnan(worst),
+                -worst if not math.isnan(worst) else 0.0, head["row"])
+    return sorted(families, key=key)
+
+
+def evaluation_info(rec: dict) -> dict:
+    """What the record's evaluation ran, for the table's headers and legend: test images,
+    the attack subset, the AutoAttack version and its truthful label, the Square budget
+    and the attacks behind `worst_case` (counts from `metrics` where `evaluation` lacks
+    them)."""
+    ev, last = rec["evaluation"], rec["metrics"][TRAINED]["last"]
+    aa = ev["autoattack"]
+    version = aa["version"]
+    worst = ev.get("worst_case") if isinstance(ev.get("worst_case"), dict) else {}
+    square = ev.get("square") if isinstance(ev.get("square"), dict) else {}
+    n_images = _int(ev.get("n_images")) or last["n"]
+    n_subset = _int(worst.get("n_images")) or last["n_worst_case"]
+    queries = _int(square.get("queries")) or 0
+    if version == "none":
+        label, n_aa = None, 0
+    else:
+        label = aa.get("label") if isinstance(aa.get("label"), str) else AA_LABELS[version]
+        n_aa = _int(aa.get("n_images")) or _int(last.get("n_autoattack")) or n_subset
+    attacks = worst.get("attacks")
+    if not (isinstance(attacks, list) and all(isinstance(a, str) for a in attacks)):
+        attacks = (["clean", "pgd20", "cw20"] + (["autoattack"] if label else [])
+                   + (["square"] if queries else []))
+    column = "AutoAttack" if version == "standard" else (label or "AutoAttack (not run)")
+    return {"n_images": n_images, "n_attack_subset": n_subset,
+            "autoattack": {"version": version, "label": label, "column": column,
+                           "n_images": n_aa},
+            "square": {"queries": queries,
+                       "n_images": (_int(square.get("n_images")) or n_subset) if queries else 0},
+            "worst_case": {"n_images": n_subset, "attacks": list(attacks)}}
+
+
+def _evaluation_meta(key: str, records: list[dict], newest: dict) -> dict:
+    infos = {canonical(evaluation_info(r)) for r in records}
+    if len(infos) > 1:
+        warnings.warn(
+            f"suite {key!r}: its records describe their evaluation differently ({len(infos)} "
+            "versions); the headers and legend follow the newest record", LeaderboardWarning,
+            stacklevel=4)
+    return evaluation_info(newest)
+
+
+def suite_table(group: SuiteGroup) -> pd.DataFrame:
+    """Aggregate one suite version's (deduplicated) records into its leaderboard table."""
+    records, key = group.records, group.key
     clock = "cpu" if has_cpu_clock(records) else "wall"
-    runs = pd.DataFrame(
-        [r for rec in records for r in run_rows(rec, labels[config_key(rec["spec"])], clock)])
-    newest = max(records, key=created_at)
-    expected = len(newest["suite"].get("seeds") or [])
-    rows = []
-    for (_, _), grp in runs.groupby(["config", "model"], sort=False):
-        first = grp.iloc[0]
-        n = int(grp["seed"].nunique())
-        row = {"suite": key, "row": first["row"], "row_name": first["row_name"],
-               "model": first["model"], "method": first["method"], "defenses": first["defenses"]}
-        for col in VALUE_COLUMNS:
-            row[f"{col}_mean"] = grp[col].mean()
-            row[f"{col}_std"] = grp[col].std(ddof=1)
-        epochs = grp["epochs"].dropna().unique()
-        row.update(
-            best_epoch_mean=grp["best_epoch"].mean(),
-            epochs=float(epochs[0]) if len(epochs) == 1 else math.nan,
-            n_seeds=n, seeds_expected=expected,
-            seeds=f"{n}/{expected}" + (" ⚠" if n < expected else "") if expected else str(n),
-            seconds_per_epoch_mean=grp["seconds_per_epoch"].mean(),
-            cost_per_epoch_mean=grp["cost_per_epoch"].mean(),
-            passes_mean=grp["passes"].mean(),
-            pretraining_seconds_mean=grp["pretraining_seconds"].mean(),
-            extra_pretraining=_extra_text(grp), flags=_unique(grp["flags"]),
-            run_ids=",".join(sorted(grp["run_id"])),
-            co_seeds=int(grp["co_epoch"].notna().sum()), co_checked=int(grp["co_checked"].sum()),
-            co_epoch_min=grp["co_epoch"].min())
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    base = _base_row(table)
+    expected = group.seeds
+    families = []
+    for bucket in buckets(group):
+        if len(bucket.records) > 1:
+            warn_mixed_provenance(key, bucket)
+        families.append(bucket_rows(key, bucket, expected, clock))
+    families = _order(families)
+    rank = 0
+    for family in families:
+        if family[0]["_ranked"]:
+            rank += 1
+            family[0]["rank"] = rank
+    table = pd.DataFrame([row for family in families for row in family])
+    base = _base_row(families)
     if base is not None:
         table["cost_vs_base"] = table["cost_per_epoch_mean"] / base["cost_per_epoch_mean"]
         table["passes_vs_base"] = table["passes_mean"] / base["passes_mean"]
@@ -304,31 +619,35 @@ def suite_table(key: str, records: list[dict]) -> pd.DataFrame:
     else:
         table["cost_vs_base"] = table["passes_vs_base"] = math.nan
         table["cost_base"] = ""
-    table["_sort"] = table["autoattack_last_mean"].fillna(table["pgd20_last_mean"])
-    table = table.sort_values(["_sort", "row"], ascending=[False, True], na_position="last")
+    table["rank"] = table["rank"].astype("Int64")
     table = table[COLUMNS + (CO_COLUMNS if has_co_data(records) else [])].reset_index(drop=True)
     floats = table.select_dtypes("float").columns
     table[floats] = table[floats].round(DECIMALS)  # drop float noise such as 1e-17 stds
-    table.attrs.update(_suite_meta(key, records, newest))
+    table.attrs.update(_suite_meta(group))
     return table
 
 
-def _suite_meta(key: str, records: list[dict], newest: dict) -> dict:
-    suite = newest["suite"]
-    used = {d.get("name") for r in records for d in r["spec"].get("defenses", [])}
+def _suite_meta(group: SuiteGroup) -> dict:
+    records, newest = group.records, group.newest
+    used = {name for r in records for name in defense_names(r)}
     cards: dict[str, dict] = {}
     for rec in sorted(records, key=created_at):  # newest card wins
         cards.update({k: v for k, v in (rec.get("cards") or {}).items()
                       if k in used and isinstance(v, dict)})
-    return {"key": key, "name": suite["name"], "hash": suite["hash"],
-            "description": suite.get("description", ""), "seeds": list(suite.get("seeds") or []),
-            "cards": dict(sorted(cards.items())), "n_records": len(records),
-            "current": "@" not in key}
+    return {"key": group.key, "name": group.name, "hash": group.hash,
+            "status": group.status, "current": group.status == CURRENT,
+            "current_hash": group.current_hash,
+            "description": newest["suite"].get("description", ""), "seeds": group.seeds,
+            "evaluation": _evaluation_meta(group.key, records, newest),
+            "cards": dict(sorted(cards.items())), "n_records": len(records)}
 
 
-def compile_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
+def compile_tables(records: list[dict],
+                   current_hashes: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """One leaderboard table per suite key (see the module docstring), in key order.
 
-    Suite metadata (name, hash, description, seeds, cards) sits in each table's `attrs`.
+    `current_hashes`: suite name -> protocol hash of the current suite file; None reads
+    the installed suite files. Suite metadata (name, hash, status, description, seeds,
+    evaluation, cards) sits in each table's `attrs`.
     """
-    return {key: suite_table(key, recs) for key, recs in prepare(records).items()}
+    return {key: suite_table(group) for key, group in prepare(records, current_hashes).items()}

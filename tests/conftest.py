@@ -26,7 +26,7 @@ def smoke_suite() -> Suite:
 
 @pytest.fixture(scope="session")
 def smoke_splits(smoke_suite: Suite) -> Splits:
-    return build_splits(smoke_suite.data, None, smoke_suite.curves.size)
+    return build_splits(smoke_suite.data, None, smoke_suite.curves.size, with_test=True)
 
 
 def with_train(suite: Suite, **changes) -> Suite:

@@ -228,12 +228,28 @@ def test_progress_lines_and_quiet(tmp_path, smoke_suite, smoke_splits, capsys):
     assert "clean model for smoke seed 0: reusing" in capsys.readouterr().out
 
 
-def test_record_and_leaderboard_declare_it_with_its_cost(tmp_path, smoke_suite, registered):
+WARM_FILE = """
+from defenses.base import Defense, DefenseCard
+
+class WarmFile(Defense):
+    card = DefenseCard(name="WarmFile", paper="test")
+    capabilities = ("clean_model",)
+
+    def setup(self, state):
+        assert state.clean_model is not None
+"""
+
+
+def test_record_and_leaderboard_declare_it_with_its_cost(tmp_path, smoke_suite):
     suite = replace(smoke_suite, eval=replace(smoke_suite.eval, autoattack="none",
                                               sanity_checks=False))
     results = tmp_path / "results"
-    run_one(RunSpec("smoke", "at"), results, progress=False, suite=suite)
-    warm = run_one(RunSpec("smoke", "at", (registered,)), results, progress=False, suite=suite)
+    module = tmp_path / "warm.py"
+    module.write_text(WARM_FILE)
+    warm_spec = DefenseSpec(f"{module}:WarmFile")
+    run_one(RunSpec("smoke", "at"), results, progress=False, suite=suite, threads=1)
+    warm = run_one(RunSpec("smoke", "at", (warm_spec,)), results, progress=False, suite=suite,
+                   threads=1)
     record = json.loads(warm.record_path.read_text())
     (extra,) = record["extra_pretraining"]
     entry = results / "smoke" / "_clean_models" / extra["where"].rsplit("/", 1)[-1]
@@ -243,8 +259,9 @@ def test_record_and_leaderboard_declare_it_with_its_cost(tmp_path, smoke_suite, 
     cost = record["cost"]
     assert cost["pretraining_seconds"] == extra["seconds"]
     assert cost["pretraining_forward_passes"] == extra["forward_passes"]
-    table = compile_tables(load_records(results))["smoke"].set_index("row")
-    row, at = table.loc["AT+WARM-PROBE"], table.loc["AT"]
+    table = compile_tables(load_records(results), current_hashes={
+        "smoke": suite.protocol_hash})["smoke"].set_index("row")
+    row, at = table.loc["AT+WarmFile"], table.loc["AT"]
     assert row["extra_pretraining"].startswith("clean model (standard training, 2 epochs) (")
     assert row["pretraining_seconds_mean"] == pytest.approx(extra["seconds"], abs=1e-6)
     per_epoch = row["seconds_per_epoch_mean"] + extra["seconds"] / 2

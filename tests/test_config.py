@@ -119,6 +119,8 @@ def test_shipped_suite_hashes_are_the_hashes_without_the_optional_fields(name):
     del protocol["curves"]["fgsm"]
     assert protocol["data"].pop("injected_feature") == 0.0  # at its default: not hashed
     assert protocol.pop("clean_model") == {"epochs": 0}  # at its default: not hashed
+    if protocol["eval"]["square_queries"] == 1000:  # at its default: not hashed
+        del protocol["eval"]["square_queries"]
     legacy = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
     assert loaded.protocol_hash == legacy
 
@@ -155,11 +157,11 @@ def test_evaluating_under_another_suite_version_is_refused(tmp_path):
 
     from invariants import train
 
+    from bench.data import build_splits
     from bench.evaluate import evaluate_run
-    from bench.runner import splits_for
 
     smoke = load_suite("smoke")
-    splits = splits_for(smoke, None)
+    splits = build_splits(smoke.data, None, smoke.curves.size, with_test=True)
     trainer = train(tmp_path, smoke, splits)
     changed = replace(smoke, eval=replace(smoke.eval, pgd_steps=7))
     with pytest.raises(RunMismatchError, match="trained under another version"):
@@ -172,10 +174,10 @@ def test_resuming_under_another_suite_version_is_refused(tmp_path):
 
     from invariants import train
 
-    from bench.runner import splits_for
+    from bench.data import build_splits
 
     smoke = load_suite("smoke")
-    splits = splits_for(smoke, None)
+    splits = build_splits(smoke.data, None, smoke.curves.size)
     train(tmp_path, smoke, splits, stop=1)
     longer = replace(smoke, train=replace(smoke.train, epochs=3))
     with pytest.raises(RunMismatchError, match="delete the run folder to start over"):

@@ -37,7 +37,7 @@ def _cpu_threads():
 
 @pytest.fixture(scope="module")
 def synth():
-    return build_splits(SYNTH, None, curve_size=100)
+    return build_splits(SYNTH, None, curve_size=100, with_test=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_synthetic_raw_shapes():
 
 
 def test_splits_deterministic(synth):
-    again = build_splits(SYNTH, None, curve_size=100)
+    again = build_splits(SYNTH, None, curve_size=100, with_test=True)
     for name, split in _splits(synth).items():
         other = _splits(again)[name]
         for field in ("x", "y", "index"):
@@ -79,7 +79,7 @@ def test_split_sizes_and_types(synth):
     assert synth.train.y.dtype == torch.int64 and synth.train.index.dtype == torch.int64
     info = synth.info
     assert (info.name, info.num_classes, info.channels, info.size) == ("synthetic", 10, 1, 16)
-    full = build_splits(DataConfig("synthetic", val_size=300), None, 50)
+    full = build_splits(DataConfig("synthetic", val_size=300), None, 50, with_test=True)
     assert (len(full.train), len(full.val), len(full.test)) == (1700, 300, 500)
 
 
@@ -147,7 +147,7 @@ def test_synthetic_is_learnable_by_a_tiny_cnn():
     from bench.models import build_model
 
     torch.manual_seed(0)
-    s = build_splits(DataConfig("synthetic", val_size=200), None, 100)
+    s = build_splits(DataConfig("synthetic", val_size=200), None, 100, with_test=True)
     model = build_model(ModelConfig("small_cnn", {"width": 8, "fc": 32}), s.info)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = DeviceLoader(s.train, 64, augment="none", generator=torch.Generator().manual_seed(0))
@@ -168,7 +168,7 @@ def test_synthetic_is_learnable_by_a_tiny_cnn():
                     reason=f"Fashion-MNIST not installed in {bdata.SYSTEM_FASHION_MNIST}")
 def test_fashion_mnist_from_system_location(tmp_path):
     cfg = DataConfig("fashion-mnist", train_size=500, val_size=100, test_size=200)
-    s = build_splits(cfg, str(tmp_path), curve_size=100)
+    s = build_splits(cfg, str(tmp_path), curve_size=100, with_test=True)
     assert (s.info.channels, s.info.size, s.info.num_classes) == (1, 28, 10)
     assert s.info.mean[0] == pytest.approx(0.2860, abs=1e-3)
     assert s.train.x.shape == (500, 1, 28, 28) and len(s.test) == 200
@@ -198,7 +198,7 @@ def test_fashion_mnist_idx_files_under_root_take_precedence(tmp_path):
                     reason=f"offline CIFAR-10 copy not found at {CIFAR_NPZ}")
 def test_cifar10_from_npz_shards():
     cfg = DataConfig(f"npz:{CIFAR_NPZ}", train_size=1000, val_size=200, test_size=500)
-    s = build_splits(cfg, None, curve_size=200)
+    s = build_splits(cfg, None, curve_size=200, with_test=True)
     assert (s.info.channels, s.info.size, s.info.num_classes) == (3, 32, 10)
     assert s.info.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=1e-3)
     assert s.info.std == pytest.approx((0.2470, 0.2435, 0.2616), abs=1e-3)
@@ -384,3 +384,27 @@ def test_loader_channels_last_and_bad_arguments():
     with pytest.raises(ConfigError, match="augment"):
         DeviceLoader(split, 8, augment="cutout")
     assert len(DeviceLoader(split, 3)) == math.ceil(8 / 3)
+
+
+def test_training_splits_never_load_the_test_split(monkeypatch):
+    """Without `with_test` (every training process) the test split is not even read."""
+    import bench.data as data
+
+    seen = []
+    real = data.load_raw
+
+    def spy(dataset, root, split, **kw):
+        seen.append(split)
+        return real(dataset, root, split, **kw)
+
+    monkeypatch.setattr(data, "load_raw", spy)
+    s = build_splits(SYNTH, None, curve_size=100)
+    assert s.test is None and seen == ["train"]
+    with_test = build_splits(SYNTH, None, curve_size=100, with_test=True)
+    assert seen == ["train", "train", "test"] and len(with_test.test) == len(synth_test())
+    for name in ("train", "val", "train_curve", "val_curve"):
+        assert torch.equal(getattr(s, name).x, getattr(with_test, name).x)
+
+
+def synth_test():
+    return build_splits(SYNTH, None, curve_size=100, with_test=True).test

@@ -19,6 +19,7 @@ from invariants import (
 
 from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import NonFiniteLossError, Trainer, learning_rate
+from bench.errors import DefenseError
 from bench.records import load_checkpoint, read_history
 from bench.state import kernel_parameters
 from defenses.base import Defense, build_defenses
@@ -139,13 +140,14 @@ class NaNAtEpoch2(Defense):
 
     def add_losses(self, state):
         if state.epoch == 1:
-            return {"bad": torch.tensor(float("nan"))}
+            return {"bad": state.per_sample_loss.mean() * float("nan")}
         return None
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_suite,
                                                               smoke_splits):
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*last good checkpoint.*epoch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*non-finite defense loss terms: "
+                       r"nan_probe.bad.*last good checkpoint.*epoch 1"):
         train(tmp_path, smoke_suite, smoke_splits, instances=[NaNAtEpoch2()])
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["epoch"] == 1
@@ -264,7 +266,8 @@ def test_a_model_at_chance_is_flagged(model_kind, smoke_suite, smoke_splits):
         train_x = smoke_splits.train.x.float() / 255
         fit_briefly(model, train_x, smoke_splits.train.y, torch.Generator().manual_seed(0),
                     epochs=10)
-    metrics, flags, _ = evaluate_model(model, x, y, suite, 0, "m", False, num_classes=10)
+    result = evaluate_model(model, x, y, suite, 0, "m", False, num_classes=10)
+    metrics, flags = result.metrics, result.flags
     near_chance = [f for f in flags if f["check"] == "near_chance"]
     if model_kind == "constant":
         assert metrics["clean"] == pytest.approx((y == 3).float().mean().item())
@@ -338,8 +341,9 @@ def test_term_grads_are_per_term_and_leave_training_unchanged(tmp_path, smoke_su
     rows = [read_history(t.run_dir / "history.jsonl")[-1] for t in (plain, probed)]
     extra = rows[1]["backward_passes"] - rows[0]["backward_passes"]
     assert extra == 2 * probe.checked  # one backward per term
-    with pytest.raises(ValueError, match=r"term_probe.gradient_terms returned term 'bad' "
-                                         r"with shape \(64,\); each term must be a scalar"):
+    with pytest.raises(DefenseError, match=r"defense 'term_probe' .* in gradient_terms at epoch "
+                                           r"1, step 0 .* term 'bad' is \(64,\); each term "
+                                           r"must be a floating-point scalar"):
         train(tmp_path / "bad", smoke_suite, smoke_splits, instances=[TermProbe(True)])
 
 

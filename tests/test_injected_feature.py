@@ -46,8 +46,9 @@ def test_injection_shifts_by_whole_levels_along_the_label_pattern_and_clips():
 
 
 def test_build_splits_injects_every_split_by_its_own_labels():
-    plain = build_splits(SYNTH, None, curve_size=50)
-    stressed = build_splits(replace(SYNTH, injected_feature=0.2), None, curve_size=50)
+    plain = build_splits(SYNTH, None, curve_size=50, with_test=True)
+    stressed = build_splits(replace(SYNTH, injected_feature=0.2), None, curve_size=50,
+                            with_test=True)
     patterns = class_feature_patterns(10, *plain.train.x.shape[1:])
     for name in ("train", "val", "test", "train_curve", "val_curve"):
         a, b = getattr(plain, name), getattr(stressed, name)

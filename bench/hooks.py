@@ -1,0 +1,171 @@
+"""Calling defense code from the engine: every hook call goes through `HookGuard`, which
+turns an exception raised by a defense, or an output the engine cannot use, into one
+`DefenseError` line that names the defense, its file and line, the hook, the epoch and
+step, the message, what was kept and how to go on."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bench.errors import DefenseError, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from bench.state import TrainState
+    from defenses.base import Defense
+
+# raised through the guard unchanged: already one clear line, or not an error of the defense
+PASS_THROUGH = (DefenseError, NonFiniteLossError, KeyboardInterrupt, SystemExit)
+
+
+def source_file(defense: Defense | type) -> str | None:
+    """The file that defines the defense's class (None for classes without one)."""
+    cls = defense if isinstance(defense, type) else type(defense)
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+
+
+def source_fingerprint(defense: Defense | type) -> dict[str, Any]:
+    """Where the defense's code lives and the sha256 of that file (for the record)."""
+    cls = defense if isinstance(defense, type) else type(defense)
+    path = source_file(cls)
+    digest = None
+    if path and Path(path).is_file():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "file": path, "sha256": digest}
+
+
+def raising_line(defense: Defense, exc: BaseException) -> str:
+    """`file:line` of the innermost traceback frame in the defense's own file (else of the
+    innermost frame): where the defense's code raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return source_file(defense) or "?"
+    own = source_file(defense)
+    chosen = next((f for f in reversed(frames) if own and f.filename == own), frames[-1])
+    return f"{chosen.filename}:{chosen.lineno}"
+
+
+class HookGuard:
+    """Calls hooks of one run's defenses and words their failures (see the module doc)."""
+
+    def __init__(self, run_dir: Path, row: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.row = row
+
+    def kept(self, state: TrainState | None) -> str:
+        done = 0 if state is None else state.epoch
+        last = self.run_dir / "last.pt"
+        if done and last.exists():
+            return (f"kept: the checkpoint after epoch {done} in {last}; fix the defense, then "
+                    f"run the same command again to resume from it (or delete {self.run_dir} "
+                    "to start over)")
+        return ("nothing of this run was kept yet; fix the defense and run the same command "
+                "again (other runs are kept)")
+
+    def error(self, defense: Defense, hook: str, state: TrainState | None, problem: str,
+              where: str | None = None) -> DefenseError:
+        at = "" if state is None else f" at epoch {state.epoch + 1}, step {state.step}"
+        return DefenseError(
+            f"defense {defense.name!r} ({where or source_file(defense) or '?'}) in {hook}"
+            f"{at} of {self.row}: {problem}; {self.kept(state)}")
+
+    def wrap(self, defense: Defense, hook: str, state: TrainState | None,
+             exc: BaseException) -> DefenseError:
+        message = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+        return self.error(defense, hook, state, message, raising_line(defense, exc))
+
+    def call(self, defense: Defense, hook: str, state: TrainState | None) -> Any:
+        """`defense.<hook>(state)`, guarded."""
+        return self.run(defense, hook, state, lambda: getattr(defense, hook)(state))
+
+    def run(self, defense: Defense, what: str, state: TrainState | None,
+            action: Callable[[], Any]) -> Any:
+        """`action()` (defense code), guarded: a failure becomes one DefenseError line."""
+        try:
+            return action()
+        except PASS_THROUGH:
+            raise
+        except Exception as exc:
+            raise self.wrap(defense, what, state, exc) from exc
+
+    @contextlib.contextmanager
+    def around_update(self, defense: Defense, state: TrainState) -> Iterator[None]:
+        """The defense's `around_update` context, with failures on entry and exit worded."""
+        try:
+            manager = defense.around_update(state)
+            manager.__enter__()
+        except PASS_THROUGH:
+            raise
+        except Exception as exc:
+            raise self.wrap(defense, "around_update (entering)", state, exc) from exc
+        try:
+            yield
+        except BaseException as inner:
+            try:
+                suppressed = manager.__exit__(type(inner), inner, inner.__traceback__)
+            except BaseException as exc:
+                if exc is inner or isinstance(exc, PASS_THROUGH):
+                    raise
+                raise self.wrap(defense, "around_update (leaving)", state, exc) from exc
+            if not suppressed:
+                raise
+            raise self.error(defense, "around_update", state,
+                             f"swallowed an exception of the training step ({inner!r})"
+                             ) from inner
+        else:
+            try:
+                manager.__exit__(None, None, None)
+            except PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise self.wrap(defense, "around_update (leaving)", state, exc) from exc
+
+
+def check_scalar_terms(guard: HookGuard, defense: Defense, hook: str, state: TrainState,
+                       terms: Any, need_grad: bool) -> dict[str, torch.Tensor]:
+    """`add_losses` / `gradient_terms` output: None or {name: 0-dim floating tensor} (with a
+    graph when the loss has one)."""
+    if terms is None:
+        return {}
+    if not isinstance(terms, dict):
+        raise guard.error(defense, hook, state, f"returned {type(terms).__name__}; expected "
+                          "None or a dict of named scalar tensors")
+    for name, value in terms.items():
+        if not isinstance(name, str):
+            raise guard.error(defense, hook, state, f"term name {name!r} is not a string")
+        if not (torch.is_tensor(value) and value.ndim == 0 and value.is_floating_point()):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise guard.error(defense, hook, state, f"term {name!r} is {shape}; each term "
+                              "must be a floating-point scalar tensor (reduce it first)")
+        if need_grad and not value.requires_grad:
+            raise guard.error(defense, hook, state, f"term {name!r} is detached (no autograd "
+                              "graph), so it cannot train anything; compute it from the "
+                              "model's outputs without torch.no_grad() or .detach()")
+    return terms
+
+
+def check_per_sample(guard: HookGuard, defense: Defense, hook: str, state: TrainState,
+                     value: Any, need_grad: bool) -> torch.Tensor | None:
+    """`sample_weights` / `objective_loss` output: None or one float per example."""
+    if value is None:
+        return None
+    n = len(state.y) if state.y is not None else -1
+    if not torch.is_tensor(value) or not value.is_floating_point() or tuple(value.shape) != (n,):
+        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise guard.error(defense, hook, state, f"returned {got}; expected a floating-point "
+                          f"tensor of shape ({n},), one value per example of the batch")
+    if need_grad and not value.requires_grad:
+        raise guard.error(defense, hook, state, "returned a detached loss (no autograd graph); "
+                          "compute it from the model's outputs without torch.no_grad() or "
+                          ".detach()")
+    return value

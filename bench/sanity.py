@@ -1,0 +1,160 @@
+"""Sanity checks of an evaluation: is the number trustworthy?
+
+Every check returns flags `{"check", "level", "message"}`. Levels:
+
+- `masking`: the robust accuracy may be inflated by useless gradients; the leaderboard
+  marks the row and does not rank it.
+- `integrity`: what the training process recorded does not match its checkpoint (e.g. the
+  validation curve that chose the best checkpoint); marked and not ranked.
+- `health`: the model did not learn (clean accuracy at chance); marked, still ranked.
+- `note`: shown, changes nothing (AutoAttack's own messages below their calibrated level).
+
+Each threshold was calibrated on the honest records of the CPU suites (no false alarm)
+and on models masked through their weights alone (every one flagged); see
+`docs/trust.md` for the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.autoattack import AutoAttackResult, classify_warning
+from attacks.pgd import pgd
+from bench.config import Suite
+
+# clean accuracy at most 1/classes + this: the model did not train
+NEAR_CHANCE_MARGIN = 0.05
+SANITY_IMAGES = 100  # images of the attack subset for the two PGD-only checks below
+HUGE_EPS = 0.5  # PGD at this radius (any image can become almost any other) ...
+HUGE_EPS_MAX_ACC = 0.05  # ... must leave at most this accuracy
+# five times more PGD steps (half the step) may not raise accuracy by more than this
+# plus the binomial noise of the two runs on the sanity images
+MORE_STEPS_SLACK = 0.02
+AA_GAP_FLAG = 0.10  # PGD-20 minus AutoAttack on the subset above this: PGD is being fooled
+# images every gradient attack missed and gradient-free Square broke, as a fraction of the
+# subset: above this the gradients are not to be trusted
+SQUARE_ONLY_MAX = 0.03
+# correctly classified images of the subset whose cross-entropy input gradient is exactly
+# zero in fp32 (a saturated softmax): above this fraction PGD-CE cannot move them
+ZERO_GRADIENT_MAX = 0.10
+# the validation accuracy recomputed from a checkpoint may differ from the one the training
+# process recorded by at most this many images (other thread count or GPU kernels)
+CURVE_TOLERANCE_IMAGES = 2
+CURVE_TOLERANCE_FRACTION = 0.01
+
+# AutoAttack's messages: the level each kind gets (the rest are notes). Its zero-gradient
+# and Square messages fire on a single image, so on honest models too: they stay notes, and
+# the calibrated `zero_gradients` and `square_beats_gradients` checks decide.
+AA_LEVELS = {"aa_randomized": "masking", "aa_softmax_output": "masking",
+             "aa_dynamic": "masking", "aa_bound": "integrity", "aa_recheck": "integrity"}
+LEVELS = ("masking", "integrity", "health", "note")
+
+
+def flag(check: str, level: str, message: str) -> dict:
+    return {"check": check, "level": level, "message": message}
+
+
+def near_chance_flag(clean: float, num_classes: int) -> list[dict]:
+    if clean <= 1 / num_classes + NEAR_CHANCE_MARGIN:
+        return [flag("near_chance", "health", (
+            f"clean accuracy {clean:.3f} is within {NEAR_CHANCE_MARGIN:.2f} of chance "
+            f"(1/{num_classes}): the model did not learn, so its robust accuracy and "
+            "best-to-last gap say nothing about robust overfitting"))]
+    return []
+
+
+def autoattack_flags(result: AutoAttackResult | None) -> list[dict]:
+    """AutoAttack's own messages, each distinct message once, each under its own name."""
+    if result is None:
+        return []
+    return [flag(kind, AA_LEVELS.get(kind, "note"), message)
+            for message in dict.fromkeys(result.warnings)
+            for kind in (classify_warning(message),)]
+
+
+def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           batch_size: int = 500) -> tuple[int, int]:
+    """(images with an all-zero CE input gradient, correctly classified images)."""
+    zero = correct = 0
+    for i in range(0, len(y), batch_size):
+        xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
+        yb = y[i:i + batch_size]
+        with torch.enable_grad():
+            logits = model(xb)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), yb, reduction="sum"),
+                                          xb)
+        right = logits.argmax(1) == yb
+        zero += int((right & (grad.flatten(1).abs().sum(1) == 0)).sum())
+        correct += int(right.sum())
+    return zero, correct
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float,
+              steps: int, seed: int) -> float:
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    x_adv = pgd(model, x, y, eps=eps, step_size=step, steps=steps, generator=gen)
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean()) if len(y) else 0.0
+
+
+def checks_for_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     per_image: dict[str, torch.Tensor], metrics: dict, suite: Suite,
+                     seed: int, aa: AutoAttackResult | None) -> list[dict]:
+    """The masking checks on the attack subset (x, y); `per_image` holds the evaluation's
+    per-image results, `metrics` its fractions."""
+    e, eps = suite.eval, suite.train.eps
+    n = len(y)
+    flags = autoattack_flags(aa)
+    if not e.sanity_checks or n == 0:
+        return flags
+    xs, ys = x[:SANITY_IMAGES], y[:SANITY_IMAGES]
+    huge = _accuracy(model, xs, ys, HUGE_EPS, HUGE_EPS / 4, 10, seed)
+    if huge > HUGE_EPS_MAX_ACC:
+        flags.append(flag("huge_eps", "masking", (
+            f"PGD-10 at eps {HUGE_EPS} leaves {huge:.3f} accuracy on {len(ys)} images "
+            f"(expected <= {HUGE_EPS_MAX_ACC}): gradients may be masked")))
+    few = float(per_image["pgd20"][:len(ys)].float().mean())
+    many = _accuracy(model, xs, ys, eps, e.pgd_step_ratio * eps / 2, e.pgd_steps * 5, seed + 2)
+    noise = 2 * math.sqrt(max(few * (1 - few), 1 / len(ys)) / len(ys))
+    if many > few + MORE_STEPS_SLACK + noise:
+        flags.append(flag("more_steps", "masking", (
+            f"PGD-{e.pgd_steps * 5} accuracy {many:.3f} is above PGD-{e.pgd_steps} {few:.3f} "
+            f"on {len(ys)} images by more than {MORE_STEPS_SLACK:.2f} + noise {noise:.3f}: "
+            "the attack does not converge")))
+    if aa is not None:
+        pgd_sub = float(per_image["pgd20"][:n].float().mean())
+        if pgd_sub - aa.robust_accuracy > AA_GAP_FLAG:
+            flags.append(flag("aa_pgd_gap", "masking", (
+                f"PGD-20 {pgd_sub:.3f} exceeds AutoAttack {aa.robust_accuracy:.3f} on the same "
+                f"{n} images by more than {AA_GAP_FLAG:.2f}: possible gradient masking")))
+    square_only = metrics.get("square_only")
+    if square_only is not None and square_only > SQUARE_ONLY_MAX:
+        flags.append(flag("square_beats_gradients", "masking", (
+            f"gradient-free Square broke {square_only:.3f} of the {n} images that every "
+            f"gradient attack missed (allowed {SQUARE_ONLY_MAX:.2f}): the gradients are not "
+            "to be trusted")))
+    zero, correct = zero_gradient_fraction(model, x, y, e.batch_size)
+    if correct and zero / correct > ZERO_GRADIENT_MAX:
+        flags.append(flag("zero_gradients", "masking", (
+            f"{zero} of {correct} correctly classified images have an all-zero cross-entropy "
+            f"input gradient in fp32 (allowed {ZERO_GRADIENT_MAX:.0%}): a saturated softmax "
+            "hides them from gradient attacks")))
+    return flags
+
+
+def curve_flags(check: dict) -> list[dict]:
+    """`curve_mismatch` when the validation accuracy recomputed from a checkpoint differs
+    from the one recorded by the training process."""
+    recorded, recomputed, n = check["recorded"], check["recomputed"], max(1, check["n"])
+    tolerance = max(CURVE_TOLERANCE_IMAGES / n, CURVE_TOLERANCE_FRACTION) + 1e-9
+    if recorded is None or abs(float(recorded) - recomputed) > tolerance:
+        return [flag("curve_mismatch", "integrity", (
+            f"validation PGD accuracy at epoch {check['epoch']}: the training process recorded "
+            f"{recorded}, the checkpoint gives {recomputed:.4f} (tolerance {tolerance:.3f}): "
+            "the curve that chose the best checkpoint does not come from these weights"))]
+    return []
