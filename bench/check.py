@@ -114,9 +114,9 @@ def static_checks(cls: type) -> list[Outcome]:
 
 class WeightsProbe:
     """Hooks run first in the engine's order (the probe is the first defense): it notes the
-    weights at the start of every step and checks them when `around_update` is entered, at
-    the next step's start and at the epoch's end (the learning rate is 0: no step may move
-    them)."""
+    weights at the start of every step and checks them after the attack, when
+    `around_update` is entered, at the next step's start and at the epoch's end (the
+    learning rate is 0: no step may move them)."""
 
     def __init__(self) -> None:
         self.start: list[torch.Tensor] | None = None
@@ -151,6 +151,10 @@ def make_probe_defense(probe: WeightsProbe):
         def before_attack(self, state) -> None:
             probe.compare(state, "after the previous step (outside around_update)")
             probe.start = WeightsProbe.weights(state)
+
+        def after_attack(self, state) -> None:
+            probe.compare(state, "after the attack (changed in before_attack, before "
+                          "around_update)")
 
         @contextlib.contextmanager
         def around_update(self, state) -> Iterator[None]:
@@ -228,7 +232,9 @@ def dynamic_checks(spec: DefenseSpec, method: str, smoke: Suite, splits: Splits,
                 model_from_weights(smoke, splits.info, weights, name, tmp / which,
                                    torch.device("cpu"))
                 names.append(name)
-        return f"{sorted(set(names)) or 'none'} load as the suite's architecture"
+        if not names:
+            return "no extra models in the checkpoints"
+        return f"{sorted(set(names))} load as the suite's architecture"
 
     attempt("extra models load in the evaluator", extra_models)
 

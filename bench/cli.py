@@ -244,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"robench: error: {exc}", file=sys.stderr)
+        print(f"robench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Exception as exc:
         if args.debug:
             raise
-        print(f"robench: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+        text = " ".join(str(exc).split())
+        print(f"robench: internal error: {type(exc).__name__}: {text} (rerun with --debug for "
               "the traceback)", file=sys.stderr)
         return 1
 

@@ -61,7 +61,14 @@ from bench.config import RunSpec, Suite
 from bench.curves import curve_point, derive_seed, make_generator, pick_device, to_float
 from bench.data import DeviceLoader, Splits, augment_batch
 from bench.errors import DefenseError, NonFiniteLossError, RunMismatchError
-from bench.hooks import HookGuard, check_per_sample, check_scalar_terms, source_fingerprint
+from bench.hooks import (
+    HookGuard,
+    check_per_sample,
+    check_scalar_terms,
+    hook_location,
+    source_file,
+    source_fingerprint,
+)
 from bench.methods import build_method
 from bench.models import build_model
 from bench.records import (
@@ -458,10 +465,11 @@ class Trainer:
             if "term_grads" in self.capabilities:
                 self._term_grads(state)
             if not loss.requires_grad:
+                names = ", ".join(f"{d.name!r} ({source_file(d)})" for d in self.defenses)
                 raise DefenseError(
                     f"the training loss of {self.guard.row} at epoch {state.epoch + 1}, step "
-                    f"{state.step} has no autograd graph (did a defense turn off gradients "
-                    f"or detach the model's outputs?); {self.guard.kept(state)}")
+                    f"{state.step} has no autograd graph: one of the defenses {names} turned "
+                    f"off gradients or detached the model's outputs; {self.guard.kept(state)}")
             loss.backward()
             state.counter.add(bwd=1)
             for defense in self.defenses:
@@ -533,25 +541,29 @@ class Trainer:
                     torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     def _check_finite(self, loss_sum: torch.Tensor, state: TrainState) -> None:
-        if not math.isfinite(float(loss_sum)):
-            kept = state.epoch
-            raise NonFiniteLossError(
-                f"non-finite training loss in epoch {state.epoch + 1} (step {state.step}) of "
-                f"run {self.spec.run_id} ({self.spec.row_name}, seed {self.spec.seed})"
-                f"{_nonfinite_terms(state.logs)}; training stopped. The last good checkpoint "
-                f"(after epoch {kept}) is kept in "
-                f"{self.run_dir / 'last.pt'}" + (" " if kept else " (none yet) ") +
-                "- lower the learning rate or a defense's strength, then delete the run "
-                "folder to start over")
+        if math.isfinite(float(loss_sum)):
+            return
+        bad = _nonfinite_terms(state.logs)
+        culprits = []
+        for defense in self.defenses:
+            terms = [key for key in bad if key.startswith(f"{defense.name}.")]
+            if terms:
+                culprits.append(f"defense {defense.name!r} "
+                                f"({hook_location(defense, 'add_losses')}) in add_losses "
+                                f"returned {', '.join(terms)}")
+        cause = ("; non-finite defense loss terms: " + "; ".join(culprits)) if culprits else ""
+        raise NonFiniteLossError(
+            f"non-finite training loss in epoch {state.epoch + 1} (step {state.step}) of "
+            f"run {self.spec.run_id} ({self.guard.row}){cause}; training stopped. Lower the "
+            f"learning rate or a defense's strength (that is a new run), or fix the defense; "
+            f"{self.guard.kept(state)}")
 
 
-def _nonfinite_terms(logs: dict[str, list]) -> str:
-    """', non-finite terms: evil.x' for the logged defense loss terms (`loss.<defense>.<term>`)
-    with a non-finite value this epoch; '' when none is."""
-    bad = [key.removeprefix("loss.") for key, values in logs.items()
-           if key.startswith("loss.") and not all(
-               math.isfinite(float(v)) for v in values)]
-    return f", non-finite defense loss terms: {', '.join(bad)}" if bad else ""
+def _nonfinite_terms(logs: dict[str, list]) -> list[str]:
+    """The logged defense loss terms (`loss.<defense>.<term>`) with a non-finite value this
+    epoch, as `<defense>.<term>`."""
+    return [key.removeprefix("loss.") for key, values in logs.items()
+            if key.startswith("loss.") and not all(math.isfinite(float(v)) for v in values)]
 
 
 def _extra_model_problem(name: object, module: object, declared: tuple[str, ...],
@@ -562,7 +574,11 @@ def _extra_model_problem(name: object, module: object, declared: tuple[str, ...]
                 f"of its extra models in `extra_models` (declared: {list(declared)})")
     if not isinstance(module, nn.Module):
         return f"model {name!r} is a {type(module).__name__}, not a torch.nn.Module"
-    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    try:
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+    except Exception as exc:  # e.g. an uninitialised lazy module
+        return (f"model {name!r} is not of the suite's architecture: its state_dict cannot be "
+                f"read ({type(exc).__name__}: {exc})")
     if shapes != reference:
         missing = sorted(set(reference) - set(shapes))[:3]
         extra = sorted(set(shapes) - set(reference))[:3]

@@ -52,7 +52,14 @@ from bench.records import (
     validate_record,
     write_json_atomic,
 )
-from bench.sanity import SANITY_IMAGES, checks_for_model, curve_flags, near_chance_flag
+from bench.sanity import (
+    SANITY_IMAGES,
+    autoattack_flags,
+    curve_flags,
+    flags_from,
+    measure,
+    near_chance_flag,
+)
 from leaderboard.schema import pack_bits
 
 ATTACKS = ("clean", "pgd20", "cw20", "autoattack", "square")
@@ -130,6 +137,7 @@ class ModelEvaluation:
     per_image: dict[str, torch.Tensor]
     flags: list[dict] = field(default_factory=list)
     autoattack: dict = field(default_factory=dict)
+    sanity: dict = field(default_factory=dict)  # what the masking checks measured
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite,
@@ -184,15 +192,16 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
         if "autoattack" in per_image:
             before = before & per_image["autoattack"]
         metrics["square_only"] = _mean(before & ~per_image["square"], n_sub)
-    flags = near_chance_flag(metrics["clean"], num_classes)
-    if flags:  # a dead model: the masking checks have nothing to say about it
+    flags = near_chance_flag(metrics["clean"], num_classes) + autoattack_flags(result)
+    with torch.autocast(device_type=device.type, enabled=False):
+        sanity = measure(model, x[:n_sub], y[:n_sub], per_image, metrics, suite, seed, result)
+    if any(f["check"] == "near_chance" for f in flags):
+        # a dead model: its gradients are useless by nature, the masking checks say nothing
         flags.append({"check": "masking_checks_skipped", "level": "note",
                       "message": "the masking checks were skipped: the model is at chance"})
     else:
-        with torch.autocast(device_type=device.type, enabled=False):
-            flags += checks_for_model(model, x[:n_sub], y[:n_sub], per_image, metrics, suite,
-                                      seed, result)
-    return ModelEvaluation(metrics, per_image, flags, aa_info)
+        flags += flags_from(sanity, suite)
+    return ModelEvaluation(metrics, per_image, flags, aa_info, sanity)
 
 
 def _mean(flags: torch.Tensor, n: int | None = None) -> float:
@@ -270,6 +279,7 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
     seed = derive_seed(spec.seed, "eval") % (2**31)
     metrics: dict = {}
     per_image: dict = {}
+    sanity: dict = {}
     flags: list[dict] = []
     autoattack: dict = {}
     curves: dict = {}
@@ -291,11 +301,12 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
             per_image.setdefault(name, {})[tag] = {k: pack_bits(v.tolist())
                                                    for k, v in result.per_image.items()}
             flags += [{**f, "model": name, "checkpoint": tag} for f in result.flags]
+            sanity.setdefault(name, {})[tag] = result.sanity
             autoattack[f"{name}.{tag}"] = result.autoattack
     eval_seconds = time.perf_counter() - start
-    record = build_record(spec, suite, run_dir, metrics, per_image, flags, autoattack, curves,
-                          {"best": (best, best_sha), "last": (last, last_sha)}, eval_seconds,
-                          device, splits)
+    checkpoints = {"best": (best, best_sha), "last": (last, last_sha)}
+    record = build_record(spec, suite, run_dir, metrics, per_image, sanity, flags, autoattack,
+                          curves, checkpoints, eval_seconds, device, splits)
     validate_record(record, str(run_dir / "record.json"))
     write_json_atomic(run_dir / "record.json", record)
     return record
@@ -334,7 +345,8 @@ def evaluation_settings(suite: Suite, splits: Splits, device: torch.device) -> d
 
 
 def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, per_image: dict,
-                 flags: list[dict], autoattack: dict, curves: dict, checkpoints: dict,
+                 sanity: dict, flags: list[dict], autoattack: dict, curves: dict,
+                 checkpoints: dict,
                  eval_seconds: float, device: torch.device, splits: Splits) -> dict:
     last = checkpoints["last"][0]
     history = read_history(run_dir / "history.jsonl")
@@ -359,6 +371,7 @@ def build_record(spec: RunSpec, suite: Suite, run_dir: Path, metrics: dict, per_
                           "ranked": name == "model"} for name in metrics},
         "metrics": metrics,
         "per_image": per_image,
+        "sanity": sanity,
         "evaluation": evaluation_settings(suite, splits, device),
         "checkpoints": {tag: {"file": f"{tag}.pt", "sha256": sha, "epoch": int(ckpt["epoch"])}
                         for tag, (ckpt, sha) in checkpoints.items()},

@@ -45,14 +45,51 @@ def source_fingerprint(defense: Defense | type) -> dict[str, Any]:
 
 
 def raising_line(defense: Defense, exc: BaseException) -> str:
-    """`file:line` of the innermost traceback frame in the defense's own file (else of the
-    innermost frame): where the defense's code raised."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return source_file(defense) or "?"
+    """`file:line` of the innermost traceback frame in the defense's own file: where the
+    defense's code raised (just the file when the error arose in a library it called)."""
     own = source_file(defense)
-    chosen = next((f for f in reversed(frames) if own and f.filename == own), frames[-1])
-    return f"{chosen.filename}:{chosen.lineno}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    chosen = next((f for f in reversed(frames) if own and f.filename == own), None)
+    return f"{chosen.filename}:{chosen.lineno}" if chosen else (own or "?")
+
+
+# called while a checkpoint is written (the engine has counted the epoch just trained) or
+# before the first step (setup, and a resume's loading of the defenses' state)
+CHECKPOINT_HOOKS = ("eval_models", "state_dict (checkpoint)")
+START_HOOKS = ("setup", "load_state_dict (resume)")
+
+
+def hook_location(defense: Defense, hook: str) -> str:
+    """`file:line` of the hook's definition when the defense's own file defines it (an
+    output the engine refuses was made there), else the defense's file."""
+    own = source_file(defense)
+    method = getattr(type(defense), hook.split(" ")[0], None)
+    try:
+        lines = inspect.getsourcelines(method)  # unwraps @contextmanager
+        path = inspect.getsourcefile(inspect.unwrap(method))
+    except (TypeError, OSError):
+        return own or "?"
+    return f"{path}:{lines[1]}" if own and path == own else (own or "?")
+
+
+def when(hook: str, state: TrainState | None) -> str:
+    """' at epoch E, step S' (1-based epoch), worded for the hooks not called in a step."""
+    if state is None:
+        return ""
+    if hook in CHECKPOINT_HOOKS:
+        return f" at the checkpoint after epoch {state.epoch} (step {state.step})"
+    if hook in START_HOOKS:
+        return " before the first step"
+    return f" at epoch {state.epoch + 1}, step {state.step}"
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch the checkpoint `path` was written after; None if it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["epoch"])
+    except Exception:  # unreadable: the message still says where it is
+        return None
 
 
 class HookGuard:
@@ -62,11 +99,14 @@ class HookGuard:
         self.run_dir = Path(run_dir)
         self.row = row
 
-    def kept(self, state: TrainState | None) -> str:
-        done = 0 if state is None else state.epoch
+    def kept(self, state: TrainState | None = None) -> str:
+        """What of the run is on disk and how to go on. The epoch comes from `last.pt`
+        itself (a failure while writing a checkpoint leaves the previous one)."""
         last = self.run_dir / "last.pt"
-        if done and last.exists():
-            return (f"kept: the checkpoint after epoch {done} in {last}; fix the defense, then "
+        if last.exists():
+            done = checkpoint_epoch(last)
+            which = "the last checkpoint" if done is None else f"the checkpoint after epoch {done}"
+            return (f"kept: {which} in {last}; fix the defense, then "
                     f"run the same command again to resume from it (or delete {self.run_dir} "
                     "to start over)")
         return ("nothing of this run was kept yet; fix the defense and run the same command "
@@ -74,10 +114,9 @@ class HookGuard:
 
     def error(self, defense: Defense, hook: str, state: TrainState | None, problem: str,
               where: str | None = None) -> DefenseError:
-        at = "" if state is None else f" at epoch {state.epoch + 1}, step {state.step}"
         return DefenseError(
-            f"defense {defense.name!r} ({where or source_file(defense) or '?'}) in {hook}"
-            f"{at} of {self.row}: {problem}; {self.kept(state)}")
+            f"defense {defense.name!r} ({where or hook_location(defense, hook)}) in {hook}"
+            f"{when(hook, state)} of {self.row}: {problem}; {self.kept(state)}")
 
     def wrap(self, defense: Defense, hook: str, state: TrainState | None,
              exc: BaseException) -> DefenseError:

@@ -102,43 +102,58 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
         return float((model(x_adv).argmax(1) == y).float().mean()) if len(y) else 0.0
 
 
-def checks_for_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     per_image: dict[str, torch.Tensor], metrics: dict, suite: Suite,
-                     seed: int, aa: AutoAttackResult | None) -> list[dict]:
-    """The masking checks on the attack subset (x, y); `per_image` holds the evaluation's
-    per-image results, `metrics` its fractions."""
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            per_image: dict[str, torch.Tensor], metrics: dict, suite: Suite, seed: int,
+            aa: AutoAttackResult | None) -> dict:
+    """What the masking checks read, measured on the attack subset (x, y); stored in the
+    record (`sanity`), so the flags can be re-derived if a threshold changes."""
     e, eps = suite.eval, suite.train.eps
     n = len(y)
-    flags = autoattack_flags(aa)
-    if not e.sanity_checks or n == 0:
-        return flags
     xs, ys = x[:SANITY_IMAGES], y[:SANITY_IMAGES]
-    huge = _accuracy(model, xs, ys, HUGE_EPS, HUGE_EPS / 4, 10, seed)
-    if huge > HUGE_EPS_MAX_ACC:
+    out: dict = {"n": n, "n_sanity": len(ys)}
+    if not e.sanity_checks or n == 0:
+        return out
+    out["huge_eps_accuracy"] = _accuracy(model, xs, ys, HUGE_EPS, HUGE_EPS / 4, 10, seed)
+    out["pgd20_on_sanity"] = float(per_image["pgd20"][:len(ys)].float().mean())
+    out["more_steps_accuracy"] = _accuracy(model, xs, ys, eps, e.pgd_step_ratio * eps / 2,
+                                           e.pgd_steps * 5, seed + 2)
+    out["pgd20_on_subset"] = float(per_image["pgd20"][:n].float().mean())
+    out["autoattack"] = aa.robust_accuracy if aa is not None else None
+    out["square_only"] = metrics.get("square_only")
+    zero, correct = zero_gradient_fraction(model, x, y, e.batch_size)
+    out["zero_gradient_images"], out["correct_images"] = zero, correct
+    return out
+
+
+def flags_from(m: dict, suite: Suite) -> list[dict]:
+    """The masking flags that the measurements `m` (from `measure`) fire."""
+    e = suite.eval
+    flags = []
+    if "huge_eps_accuracy" not in m:
+        return flags
+    if m["huge_eps_accuracy"] > HUGE_EPS_MAX_ACC:
         flags.append(flag("huge_eps", "masking", (
-            f"PGD-10 at eps {HUGE_EPS} leaves {huge:.3f} accuracy on {len(ys)} images "
-            f"(expected <= {HUGE_EPS_MAX_ACC}): gradients may be masked")))
-    few = float(per_image["pgd20"][:len(ys)].float().mean())
-    many = _accuracy(model, xs, ys, eps, e.pgd_step_ratio * eps / 2, e.pgd_steps * 5, seed + 2)
-    noise = 2 * math.sqrt(max(few * (1 - few), 1 / len(ys)) / len(ys))
+            f"PGD-10 at eps {HUGE_EPS} leaves {m['huge_eps_accuracy']:.3f} accuracy on "
+            f"{m['n_sanity']} images (expected <= {HUGE_EPS_MAX_ACC}): gradients may be "
+            "masked")))
+    few, many, k = m["pgd20_on_sanity"], m["more_steps_accuracy"], m["n_sanity"]
+    noise = 2 * math.sqrt(max(few * (1 - few), 1 / k) / k)
     if many > few + MORE_STEPS_SLACK + noise:
         flags.append(flag("more_steps", "masking", (
             f"PGD-{e.pgd_steps * 5} accuracy {many:.3f} is above PGD-{e.pgd_steps} {few:.3f} "
-            f"on {len(ys)} images by more than {MORE_STEPS_SLACK:.2f} + noise {noise:.3f}: "
+            f"on {k} images by more than {MORE_STEPS_SLACK:.2f} + noise {noise:.3f}: "
             "the attack does not converge")))
-    if aa is not None:
-        pgd_sub = float(per_image["pgd20"][:n].float().mean())
-        if pgd_sub - aa.robust_accuracy > AA_GAP_FLAG:
-            flags.append(flag("aa_pgd_gap", "masking", (
-                f"PGD-20 {pgd_sub:.3f} exceeds AutoAttack {aa.robust_accuracy:.3f} on the same "
-                f"{n} images by more than {AA_GAP_FLAG:.2f}: possible gradient masking")))
-    square_only = metrics.get("square_only")
-    if square_only is not None and square_only > SQUARE_ONLY_MAX:
+    if m["autoattack"] is not None and m["pgd20_on_subset"] - m["autoattack"] > AA_GAP_FLAG:
+        flags.append(flag("aa_pgd_gap", "masking", (
+            f"PGD-20 {m['pgd20_on_subset']:.3f} exceeds AutoAttack {m['autoattack']:.3f} on "
+            f"the same {m['n']} images by more than {AA_GAP_FLAG:.2f}: possible gradient "
+            "masking")))
+    if m["square_only"] is not None and m["square_only"] > SQUARE_ONLY_MAX:
         flags.append(flag("square_beats_gradients", "masking", (
-            f"gradient-free Square broke {square_only:.3f} of the {n} images that every "
-            f"gradient attack missed (allowed {SQUARE_ONLY_MAX:.2f}): the gradients are not "
-            "to be trusted")))
-    zero, correct = zero_gradient_fraction(model, x, y, e.batch_size)
+            f"gradient-free Square broke {m['square_only']:.3f} of the {m['n']} images that "
+            f"every gradient attack missed (allowed {SQUARE_ONLY_MAX:.2f}): the gradients "
+            "are not to be trusted")))
+    zero, correct = m["zero_gradient_images"], m["correct_images"]
     if correct and zero / correct > ZERO_GRADIENT_MAX:
         flags.append(flag("zero_gradients", "masking", (
             f"{zero} of {correct} correctly classified images have an all-zero cross-entropy "

@@ -68,6 +68,7 @@ def plan(payload: dict) -> None:
 
 def report(error_file: str | None, message: str) -> None:
     """The one line goes to the error file (the launcher prints it) or to stderr."""
+    message = " ".join(message.split())  # one line, whatever the exception's text held
     if error_file:
         Path(error_file).write_text(message + "\n")
     else:

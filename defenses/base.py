@@ -211,7 +211,8 @@ def _load_from_file(ref: str) -> type[Defense]:
     path_text, _, class_name = ref.rpartition(":")
     path = Path(path_text)
     if not path.exists():
-        raise ConfigError(f"defense file {path} does not exist (from --defense {ref!r})")
+        raise ConfigError(f"defense file {path} does not exist (from --defense {ref!r}); check "
+                          f"the path (a relative one starts at {Path.cwd()})")
     module_name = f"robench_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -227,15 +228,29 @@ def _load_from_file(ref: str) -> type[Defense]:
     if not (isinstance(cls, type) and issubclass(cls, Defense)):
         found = [n for n, v in vars(module).items()
                  if isinstance(v, type) and issubclass(v, Defense) and v is not Defense]
+        if isinstance(cls, type):
+            raise ConfigError(
+                f"{_defined_at(cls, path)}: {class_name} is not a subclass of "
+                f"defenses.base.Defense; declare it as `class {class_name}(Defense)` (with "
+                "`from defenses.base import Defense, DefenseCard`)")
         raise ConfigError(
-            f"{path} has no Defense subclass named {class_name!r}; it defines {found or 'none'}"
-        )
+            f"{path} has no class named {class_name!r}; its Defense subclasses are "
+            f"{found or 'none'}: name one after the colon (--defense {path}:ClassName)")
     if not isinstance(getattr(cls, "card", None), DefenseCard):
-        raise ConfigError(f"{path}: {class_name} has no DefenseCard in its `card` attribute; "
-                          "add `card = DefenseCard(name=..., paper=..., link=...)`")
+        raise ConfigError(f"{_defined_at(cls, path)}: {class_name} has no DefenseCard in its "
+                          "`card` attribute; add `card = DefenseCard(name=..., paper=..., "
+                          "link=...)` to the class")
     if not cls.name:
         cls.name = class_name.lower()
     return cls
+
+
+def _defined_at(obj: Any, fallback: Path | str) -> str:
+    """`file:line` where a class or function is defined (else `fallback`)."""
+    try:
+        return f"{inspect.getsourcefile(obj)}:{inspect.getsourcelines(obj)[1]}"
+    except (TypeError, OSError):
+        return str(fallback)
 
 
 def import_problem(exc: BaseException, path: str) -> str:
@@ -274,9 +289,9 @@ def hook_signature_problems(cls: type) -> list[str]:
         required = [p for p in positional if p.default is p.empty]
         keyword_only = [p for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
         if len(required) > len(expected) or len(positional) < len(expected) or keyword_only:
-            names = ", ".join(p.name for p in params)
-            problems.append(f"{hook}(self, {names}) should be {hook}(self, "
-                            f"{', '.join(expected)})")
+            names = "".join(f", {p.name}" for p in params)
+            problems.append(f"{hook}(self{names}) at {_defined_at(func, _source(cls))} should "
+                            f"be {hook}(self, {', '.join(expected)})")
     return problems
 
 
@@ -324,7 +339,8 @@ def build_defenses(specs: tuple[DefenseSpec, ...], method: str, suite: Suite) ->
         wrong = hook_signature_problems(cls)
         if wrong:
             raise ConfigError(f"defense {spec.name!r} ({_source(cls)}): hook signature(s) "
-                              f"differ from the base class: {'; '.join(wrong)}")
+                              f"differ from the base class: {'; '.join(wrong)}; the engine "
+                              "calls each hook with these arguments")
         unknown_caps = sorted(set(cls.capabilities) - set(CAPABILITIES))
         if unknown_caps:
             raise ConfigError(
@@ -380,4 +396,5 @@ def _construct(cls: type[Defense], name: str, values: dict[str, Any]) -> Defense
         raise
     except Exception as exc:
         raise ConfigError(f"defense {name!r} ({_raised_at(cls, exc)}) refused its parameters "
-                          f"{values}: {type(exc).__name__}: {exc}") from exc
+                          f"{values}: {type(exc).__name__}: {exc}; pass values it accepts "
+                          f"(--defense NAME:key=value; defaults {dict(cls.params)})") from exc

@@ -147,7 +147,8 @@ class NaNAtEpoch2(Defense):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_suite,
                                                               smoke_splits):
     with pytest.raises(NonFiniteLossError, match=r"epoch 2.*non-finite defense loss terms: "
-                       r"nan_probe.bad.*last good checkpoint.*epoch 1"):
+                       r"defense 'nan_probe' .* returned nan_probe.bad.*kept: the checkpoint "
+                       r"after epoch 1"):
         train(tmp_path, smoke_suite, smoke_splits, instances=[NaNAtEpoch2()])
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["epoch"] == 1

@@ -1,0 +1,239 @@
+"""Submissions that try to change a reported number, through the real launcher: each ends
+with exactly the plain run's test numbers and flags, or is refused, or is flagged. Plus the
+masking checks on models masked through their weights alone, and `robench verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import fit_briefly, make_prototype_data
+
+from bench.config import DefenseSpec, RunSpec, load_suite
+from bench.errors import RunFailedError
+from bench.runner import run_one
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# At import (in whatever process imports it) it notes where it runs and patches every
+# evaluation function and threshold it can reach; in setup it hooks the live model so that
+# eval-mode outputs are scaled by 1e4 (a saturated softmax: PGD-CE would see no gradient).
+# Training itself is untouched, so an honest evaluation must equal the plain AT run's.
+EVAL_TRICKS = """
+import copy, json, os, sys
+import torch
+with open({marker!r}, "a") as f:
+    f.write(json.dumps({{"pid": os.getpid(), "argv0": sys.argv[0]}}) + "\\n")
+import attacks.autoattack, bench.evaluate, bench.sanity
+bench.sanity.HUGE_EPS_MAX_ACC = 1.0
+bench.sanity.AA_GAP_FLAG = 10.0
+bench.sanity.near_chance_flag = lambda *args: []
+bench.evaluate.correct_under_pgd = lambda model, x, y, *a, **k: torch.ones_like(y, dtype=bool)
+from defenses.base import Defense, DefenseCard
+
+class Tricks(Defense):
+    card = DefenseCard(name="Tricks", paper="-", venue="-", link="-")
+    extra_models = ("better",)
+
+    def setup(self, state):
+        self.better = copy.deepcopy(state.model)
+        state.model.register_forward_hook(
+            lambda module, inputs, out: out if module.training else out * 1e4)
+
+    def eval_models(self, state):
+        return {{"better": self.better}}
+"""
+
+FOREIGN_ARCHITECTURE = """
+import torch
+from defenses.base import Defense, DefenseCard
+
+class Foreign(Defense):
+    card = DefenseCard(name="Foreign", paper="-", venue="-", link="-")
+    extra_models = ("other",)
+
+    def setup(self, state):
+        layer = torch.nn.LazyLinear(10) if LAZY else torch.nn.Linear(768, 10)
+        self.other = torch.nn.Sequential(torch.nn.Flatten(), layer)
+
+    def eval_models(self, state):
+        return {"other": self.other}
+"""
+
+# replaces the engine's curve function in the training process: the validation curve says
+# the last epoch is the best, whatever the weights (a zero best-to-last gap on the board)
+CURVE_TAMPER = """
+import bench.engine
+from bench.curves import CurvePoint
+from defenses.base import Defense, DefenseCard
+
+real = bench.engine.curve_point
+def fake(model, x, y, suite, seed, dtype, batch=500, fgsm=False):
+    point = real(model, x, y, suite, seed, dtype, batch, fgsm)
+    return CurvePoint(0.9 + 0.01 * fake.calls, point.clean, point.fgsm)
+fake.calls = 0
+bench.engine.curve_point = fake
+
+class Tamper(Defense):
+    card = DefenseCard(name="Tamper", paper="-", venue="-", link="-")
+
+    def on_epoch_end(self, state):
+        fake.calls += 1
+"""
+
+
+def _model_view(record: dict, model: str = "model") -> dict:
+    flags = sorted((f["check"], f["level"], f["checkpoint"], f["message"])
+                   for f in record["flags"] if f["model"] == model)
+    return {"metrics": record["metrics"][model], "per_image": record["per_image"][model],
+            "flags": flags, "curves": record["history"]["curves"]["val_robust"],
+            "best_epoch": record["history"]["best_epoch"]}
+
+
+def test_evaluation_tricks_change_nothing_and_never_run_in_the_launcher(tmp_path):
+    """Through `run_full_evaluation.py`: the submission's module runs only in training
+    processes; its patches, hook and extra model leave the trained model's record equal to
+    the plain AT run's, and its extra model is a sub-row that is never ranked."""
+    marker = tmp_path / "where.jsonl"
+    module = tmp_path / "tricks.py"
+    module.write_text(EVAL_TRICKS.format(marker=str(marker)))
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_full_evaluation.py"), "--suite", "smoke",
+           "--defenses", f"{module}:Tricks", "--results", str(results), "--quiet",
+           "--threads", "1"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err
+    records = {json.loads(p.read_text())["row_name"]: json.loads(p.read_text())
+               for p in results.glob("smoke/*/record.json")}
+    plain, tricks = records["AT"], records["AT+Tricks"]
+    assert _model_view(tricks) == _model_view(plain)
+    assert tricks["models"]["tricks.better"] == {"role": "extra", "ranked": False}
+    where = [json.loads(line) for line in marker.read_text().splitlines()]
+    assert where and launcher.pid not in {w["pid"] for w in where}
+    assert all(w["argv0"].endswith(os.path.join("bench", "worker.py")) for w in where)
+    board = (results / "leaderboard" / "leaderboard.csv").read_text()
+    assert "↳ AT+Tricks [tricks.better]" in board
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_extra_model_of_another_architecture_is_refused(tmp_path, smoke_suite, lazy):
+    module = tmp_path / "foreign.py"
+    module.write_text(f"LAZY = {lazy}\n" + FOREIGN_ARCHITECTURE)
+    spec = RunSpec("smoke", "at", (DefenseSpec(f"{module}:Foreign"),), 0)
+    with pytest.raises(RunFailedError) as info:
+        run_one(spec, tmp_path / "results", progress=False, suite=smoke_suite, threads=1)
+    message = str(info.value)
+    assert "\n" not in message and "eval_models" in message and str(module) in message
+    assert "not of the suite's architecture" in message
+    assert not list((tmp_path / "results").glob("smoke/*/record.json"))
+
+
+def test_a_tampered_validation_curve_is_caught_and_unranks_the_row(tmp_path, smoke_suite):
+    module = tmp_path / "tamper.py"
+    module.write_text(CURVE_TAMPER)
+    spec = RunSpec("smoke", "at", (DefenseSpec(f"{module}:Tamper"),), 0)
+    result = run_one(spec, tmp_path / "results", progress=False, suite=smoke_suite, threads=1)
+    record = json.loads(result.record_path.read_text())
+    assert record["history"]["best_epoch"] == smoke_suite.train.epochs  # the fake chose it
+    mismatch = [f for f in record["flags"] if f["check"] == "curve_mismatch"]
+    assert {f["checkpoint"] for f in mismatch} == {"best", "last"}
+    assert all(f["level"] == "integrity" for f in mismatch)
+    from leaderboard.compile import compile_tables, load_records
+
+    table = compile_tables(load_records(tmp_path / "results"),
+                           current_hashes={"smoke": smoke_suite.protocol_hash})["smoke"]
+    row = table.set_index("row").loc["AT+Tamper"]
+    assert "curve_mismatch" in row["flags"] and pd.isna(row["rank"])
+
+
+# ---- masking checks on models masked through their weights alone -------------------------
+
+
+def _masked(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fc = [k for k in state if k.endswith("weight") and state[k].ndim == 2][-1]
+    if kind == "logits_x1e4":
+        state[fc] *= 1e4
+        state[fc.replace("weight", "bias")] *= 1e4
+    elif kind == "logits_x100":
+        state[fc] *= 100
+        state[fc.replace("weight", "bias")] *= 100
+    elif kind == "bn_var":  # the last BatchNorm divides by ~1e-4 of its running std
+        var = [k for k in state if k.endswith("running_var")][-1]
+        state[var] *= 1e-8
+    masked = type(model)(model.net, model.normalize.mean.flatten().tolist(),
+                         model.normalize.std.flatten().tolist())
+    masked.load_state_dict(state)
+    return masked.eval()
+
+
+@pytest.fixture(scope="module")
+def honest():
+    """A small CNN of the smoke suite's architecture, trained on clean prototype data."""
+    from bench.data import DatasetInfo
+    from bench.models import build_model
+
+    smoke = load_suite("smoke")
+    info = DatasetInfo("prototypes", 10, 3, 16, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x_train, y_train = make_prototype_data(3000, g)
+    x_test, y_test = make_prototype_data(64, g)
+    model = build_model(smoke.model, info)
+    fit_briefly(model, x_train, y_train, g, epochs=4)
+    suite = replace(smoke, eval=replace(smoke.eval, square_queries=300))
+    return model.eval(), x_test, y_test, suite
+
+
+@pytest.mark.parametrize("kind", ["honest", "logits_x1e4", "logits_x100", "bn_var"])
+def test_weight_masked_models_are_flagged_and_the_honest_one_is_not(honest, kind):
+    import copy
+
+    from bench.evaluate import evaluate_model
+
+    model, x, y, suite = honest
+    model = copy.deepcopy(model) if kind == "honest" else _masked(copy.deepcopy(model), kind)
+    result = evaluate_model(model, x, y, suite, 0, kind, False, num_classes=10)
+    masking = {f["check"] for f in result.flags if f["level"] == "masking"}
+    assert result.metrics["clean"] > 0.8
+    if kind == "honest":
+        assert not masking
+    else:
+        # the argmax is the honest model's, the cross-entropy gradient is gone
+        assert masking >= {"zero_gradients", "aa_pgd_gap"}
+        assert result.metrics["pgd20"] > result.metrics["worst_case"] + 0.3
+
+
+def test_worst_case_is_the_per_image_and_of_every_attack(honest):
+    from bench.evaluate import evaluate_model
+
+    model, x, y, suite = honest
+    result = evaluate_model(_masked(model, "logits_x100"), x, y, suite, 0, "m", False, 10)
+    bits = {k: v.tolist() for k, v in result.per_image.items()}
+    n = result.metrics["n_worst_case"]
+    expected = sum(all(bits[a][i] for a in ("clean", "pgd20", "cw20", "autoattack", "square"))
+                   for i in range(n)) / n
+    assert result.metrics["worst_case"] == pytest.approx(expected)
+    assert result.metrics["worst_case"] <= min(result.metrics["cw20"], result.metrics["autoattack"])
+
+
+def test_autoattack_dynamic_check_counter_is_reset_for_each_model(honest):
+    """pyautoattack counts calls in a module-global dict and never resets it: once a model
+    fired its dynamic-defense check, every later model was flagged."""
+    from pyautoattack import checks
+
+    from attacks.autoattack import run_autoattack
+
+    model, x, y, _ = honest
+    checks.funcs["grad"] = 3  # as left behind by an earlier, dynamic model
+    result = run_autoattack(model, x[:16], y[:16], eps=0.1, version="reduced", device="cpu")
+    assert not any("dynamic" in w for w in result.warnings)
