@@ -30,9 +30,18 @@ for epoch:
             optimizer step
         after_step(state)              EMA updates, policy updates
     on_epoch_end(state)
-    validation curves + checkpoints    engine-owned: history.jsonl, best.pt, last.pt
-eval_models(state) -> {name: module}   evaluated besides the trained model
+    validation curves                  engine-owned, on a hook-free copy of the model
+    eval_models(state) -> {name: module}  only names in `extra_models`, each of the suite's
+                                       architecture: saved as state_dicts in the checkpoint
+    checkpoints                        history.jsonl, best.pt, last.pt
 ```
+
+Every hook call goes through `bench.hooks.HookGuard`: an exception raised by defense
+code, or an output the engine cannot use (a non-scalar or detached term, per-sample
+weights of the wrong shape, an extra model of another architecture), ends the run with one
+`DefenseError` line naming the defense, its file and line, the hook, epoch and step; the
+last checkpoint is kept. The evaluator (`bench/evaluate.py`) never sees a defense: it
+scores the weights saved in the checkpoints, in a process of its own.
 
 Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overrides)` (the
 suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the

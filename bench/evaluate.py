@@ -63,6 +63,8 @@ from bench.sanity import (
 from leaderboard.schema import pack_bits
 
 ATTACKS = ("clean", "pgd20", "cw20", "autoattack", "square")
+# what the engine saves since the evaluator stopped importing defense code
+NEEDED_IN_CHECKPOINT = ("eval_models", "defense_params", "cards", "train_settings")
 
 
 def load_weights(path: Path, device: torch.device) -> tuple[dict, str]:
@@ -78,6 +80,11 @@ def load_weights(path: Path, device: torch.device) -> tuple[dict, str]:
                           "retrain that run") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise RecordError(f"{path} is not a ROBench checkpoint (no 'model' state_dict)")
+    missing = [k for k in NEEDED_IN_CHECKPOINT if k not in ckpt]
+    if missing:
+        raise RecordError(f"{path} was written by an older ROBench (no {missing}: the evaluator "
+                          "reads extra models, parameters and cards from the checkpoint, never "
+                          "from defense code); delete the run folder and run it again")
     return ckpt, hashlib.sha256(data).hexdigest()
 
 

@@ -207,13 +207,17 @@ def list_defenses() -> dict[str, type[Defense]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def _load_from_file(ref: str) -> type[Defense]:
-    path_text, _, class_name = ref.rpartition(":")
-    path = Path(path_text)
-    if not path.exists():
-        raise ConfigError(f"defense file {path} does not exist (from --defense {ref!r}); check "
-                          f"the path (a relative one starts at {Path.cwd()})")
-    module_name = f"robench_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+_FILE_MODULES: dict[tuple[str, str], Any] = {}  # (resolved path, sha256 of its text) -> module
+
+
+def _import_file(path: Path) -> Any:
+    """Import a defense file once per process and content (a second import would run its
+    module code, e.g. `@register_defense`, twice)."""
+    resolved = str(path.resolve())
+    key = (resolved, hashlib.sha256(path.read_bytes()).hexdigest())
+    if key in _FILE_MODULES:
+        return _FILE_MODULES[key]
+    module_name = f"robench_user_{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import {path} as a Python module")
@@ -224,6 +228,17 @@ def _load_from_file(ref: str) -> type[Defense]:
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise ConfigError(import_problem(exc, str(path))) from exc
+    _FILE_MODULES[key] = module
+    return module
+
+
+def _load_from_file(ref: str) -> type[Defense]:
+    path_text, _, class_name = ref.rpartition(":")
+    path = Path(path_text)
+    if not path.exists():
+        raise ConfigError(f"defense file {path} does not exist (from --defense {ref!r}); check "
+                          f"the path (a relative one starts at {Path.cwd()})")
+    module = _import_file(path)
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Defense)):
         found = [n for n, v in vars(module).items()

@@ -118,8 +118,9 @@ def validate_record(rec: Any) -> None:
 def _validate(rec: Any) -> None:
     _need(isinstance(rec, dict), "record", f"expected a JSON object, got {type(rec).__name__}")
     _need(rec.get("schema") == SCHEMA, "schema",
-          f"{rec.get('schema')!r} is not {SCHEMA}: a record made by an older ROBench; "
-          "re-evaluate its run folder with `robench evaluate RUN_DIR`")
+          f"{rec.get('schema')!r} is not {SCHEMA}: a record made by an older ROBench, whose "
+          "checkpoints lack what the evaluator now reads; delete its run folder and run it "
+          "again")
     for key, kind in (("run_id", str), ("row_name", str), ("spec", dict), ("suite", dict),
                       ("metrics", dict), ("per_image", dict), ("models", dict),
                       ("history", dict), ("cost", dict), ("flags", list),

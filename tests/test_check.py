@@ -5,6 +5,7 @@ command exits non-zero."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,17 @@ def test_a_dynamic_mistake_fails_its_check(kind, tmp_path, capsys):
     assert all(rows[name][0] == "ok" for name in STATIC), out
     for reason in reason_patterns(source, reasons):
         assert re.search(reason, failed(rows)[check]), out
+
+
+def test_the_readme_example_passes_the_gate(tmp_path, capsys):
+    """The worked example in README.md (section "Submitting a defense") is a valid submission
+    as written, checked twice in one process (a file is imported once per content)."""
+    from bench.check import check_defense
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("# my_defense.py\n", 1)[1].split("```", 1)[0]
+    module = tmp_path / "my_defense.py"
+    module.write_text(example)
+    assert check_defense(f"{module}:CleanMix") == 0
+    assert check_defense(f"{module}:CleanMix:beta=1", dynamic=False) == 0
+    assert "10 of 10 checks passed" in capsys.readouterr().out

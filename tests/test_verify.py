@@ -141,3 +141,13 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(copy, capsys):
     err = capsys.readouterr().err
     assert "'fomo.stable' does not fit the suite's architecture" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_of_an_older_robench_is_refused_with_its_remedy(copy, capsys):
+    _, path = copy
+    last = torch.load(path.parent / "last.pt", weights_only=True)
+    del last["defense_params"]
+    torch.save(last, path.parent / "last.pt")
+    assert main(["evaluate", str(path.parent), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "written by an older ROBench" in err and "delete the run folder" in err
