@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -176,7 +177,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
             gradient = gradient & per_image["autoattack"]
             aa_info.update({"seconds": result.seconds, "settings": result.settings,
                             "warnings": result.warnings, "log": result.log})
-        if e.square_queries > 0:
+        if runs_square_check(suite):
             if progress:
                 print(f"  {label}: Square check ({e.square_queries} queries) on "
                       f"{int(gradient.sum())} images no gradient attack broke ...", flush=True)
@@ -199,6 +200,8 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
         if "autoattack" in per_image:
             before = before & per_image["autoattack"]
         metrics["square_only"] = _mean(before & ~per_image["square"], n_sub)
+    elif result is not None and e.autoattack == "standard":
+        metrics["square_only"] = square_gain_in_log(result.log)
     flags = near_chance_flag(metrics["clean"], num_classes) + autoattack_flags(result)
     with torch.autocast(device_type=device.type, enabled=False):
         sanity = measure(model, x[:n_sub], y[:n_sub], per_image, metrics, suite, seed, result)
@@ -209,6 +212,26 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
     else:
         flags += flags_from(sanity, suite)
     return ModelEvaluation(metrics, per_image, flags, aa_info, sanity)
+
+
+def runs_square_check(suite: Suite) -> bool:
+    """The separate Square check runs where AutoAttack's version has no Square of its own
+    (the standard version runs Square with 5,000 queries on what its gradient attacks
+    missed: its gain is read from its log instead)."""
+    return suite.eval.square_queries > 0 and suite.eval.autoattack != "standard"
+
+
+AFTER = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+
+
+def square_gain_in_log(log: str) -> float | None:
+    """Fraction of the images that AutoAttack's Square broke after APGD-CE, APGD-T and
+    FAB-T missed them: the drop in robust accuracy from before Square to after it."""
+    after = {name: float(value) / 100 for name, value in AFTER.findall(log)}
+    if "SQUARE" not in after:
+        return None
+    before = [v for k, v in after.items() if k != "SQUARE"]
+    return max(0.0, min(before) - after["SQUARE"]) if before else None
 
 
 def _mean(flags: torch.Tensor, n: int | None = None) -> float:
@@ -343,10 +366,13 @@ def evaluation_settings(suite: Suite, splits: Splits, device: torch.device) -> d
         "autoattack": {"version": e.autoattack, "label": attack_set_label(e.autoattack)
                        if e.autoattack != "none" else None,
                        "n_images": n_sub if e.autoattack != "none" else 0},
-        "square": {"queries": e.square_queries, "n_images": n_sub if e.square_queries else 0},
+        # the separate Square check, or (standard version) AutoAttack's own Square
+        "square": {"queries": e.square_queries if runs_square_check(suite) else 0,
+                   "n_images": n_sub if runs_square_check(suite) else 0,
+                   "within_autoattack": 5000 if e.autoattack == "standard" else 0},
         "worst_case": {"n_images": n_sub, "attacks": [a for a in ATTACKS if a == "clean" or (
             a == "autoattack" and e.autoattack != "none") or (
-            a == "square" and e.square_queries > 0) or a in ("pgd20", "cw20")]},
+            a == "square" and runs_square_check(suite)) or a in ("pgd20", "cw20")]},
         "sanity_images": min(SANITY_IMAGES, n_sub),
     }
 

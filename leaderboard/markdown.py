@@ -118,6 +118,10 @@ def evaluation_legend(ev: dict) -> str:
         parts.append(f"the gradient-free Square check ({square['queries']} queries) on "
                      f"{_subset(square['n_images'], n)} test images (those every gradient "
                      "attack missed)")
+    if square.get("within_autoattack"):
+        parts.append(f"the standard version's own gradient-free Square "
+                     f"({square['within_autoattack']} queries) runs last on what its gradient "
+                     "attacks missed, and its gain is checked (`square_beats_gradients`)")
     names = attack_names(ev)
     attacks = [names.get(a, a) for a in ev["worst_case"]["attacks"]]
     listed = ", ".join(attacks[:-1]) + f" and {attacks[-1]}" if len(attacks) > 1 else attacks[0]

@@ -580,7 +580,8 @@ def evaluation_info(rec: dict) -> dict:
             "autoattack": {"version": version, "label": label, "column": column,
                            "n_images": n_aa},
             "square": {"queries": queries,
-                       "n_images": (_int(square.get("n_images")) or n_subset) if queries else 0},
+                       "n_images": (_int(square.get("n_images")) or n_subset) if queries else 0,
+                       "within_autoattack": _int(square.get("within_autoattack")) or 0},
             "worst_case": {"n_images": n_subset, "attacks": list(attacks)}}
 
 

@@ -237,3 +237,37 @@ def test_autoattack_dynamic_check_counter_is_reset_for_each_model(honest):
     checks.funcs["grad"] = 3  # as left behind by an earlier, dynamic model
     result = run_autoattack(model, x[:16], y[:16], eps=0.1, version="reduced", device="cpu")
     assert not any("dynamic" in w for w in result.warnings)
+
+
+class Rounded(torch.nn.Module):
+    """The honest model behind input rounding: zero input gradient everywhere (not possible
+    through a suite's architecture, but what the gradient-free check is there for)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 4) / 4)
+
+
+def test_the_square_check_catches_gradients_that_are_useless_everywhere(honest):
+    from bench.evaluate import evaluate_model
+
+    model, x, y, suite = honest
+    result = evaluate_model(Rounded(model).eval(), x, y, suite, 0, "rounded", False, 10)
+    masking = {f["check"] for f in result.flags if f["level"] == "masking"}
+    assert "square_beats_gradients" in masking and "zero_gradients" in masking
+    m = result.metrics
+    assert m["square_only"] > 0.1 and m["worst_case"] <= m["autoattack"] - m["square_only"]
+
+
+def test_the_standard_version_s_own_square_gain_is_read_from_its_log():
+    from bench.evaluate import square_gain_in_log
+
+    log = ("initial accuracy: 80.00%\nrobust accuracy after APGD-CE: 50.00% (total time 1 s)\n"
+           "robust accuracy after APGD-T: 46.00% (total time 2 s)\n"
+           "robust accuracy after FAB-T: 45.60% (total time 3 s)\n"
+           "robust accuracy after SQUARE: 41.20% (total time 9 s)\n")
+    assert square_gain_in_log(log) == pytest.approx(0.044)
+    assert square_gain_in_log(log.rsplit("robust accuracy after SQUARE", 1)[0]) is None
