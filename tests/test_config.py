@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from bench.config import RunSpec, list_suites, load_suite, parse_suite
+from bench.config import RunSpec, Suite, list_suites, load_suite, parse_suite
 from bench.engine import RunMismatchError
 from bench.runner import run_dir_for, run_one
 
@@ -182,3 +182,15 @@ def test_resuming_under_another_suite_version_is_refused(tmp_path):
     longer = replace(smoke, train=replace(smoke.train, epochs=3))
     with pytest.raises(RunMismatchError, match="delete the run folder to start over"):
         train(tmp_path, longer, splits)
+
+
+@pytest.mark.parametrize("name", list_suites())
+def test_a_suite_travels_to_a_child_process_unchanged(name):
+    """The launcher sends suites as JSON (Suite.to_dict); the child rebuilds the same suite,
+    hashes included, so a check against the installed file means the same in both."""
+    suite = load_suite(name)
+    again = Suite.from_dict(json.loads(json.dumps(suite.to_dict())))
+    assert again == suite
+    assert again.protocol_hash == suite.protocol_hash and again.source_hash == suite.source_hash
+    names = list(suite.defense_overrides) or ["awp"]
+    assert again.run_hash(names) == suite.run_hash(names)
