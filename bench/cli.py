@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robench: internal error: {type(exc).__name__}: {text} (rerun with --debug for "
               "the traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("robench: interrupted; what was computed is kept (a run resumes from its last "
+              "checkpoint): run the same command again to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             result = run_one(spec, Path(args.results), data_root=args.data_root,
                              device=args.device, progress=not args.quiet, suite=suite,
                              threads=args.threads, debug=args.debug)
+        except KeyboardInterrupt:
+            print(f"run_full_evaluation: interrupted in {spec.row_name} seed {spec.seed}; "
+                  "finished runs are kept and a run resumes from its last checkpoint: run the "
+                  "same command again to go on", file=sys.stderr)
+            return 130
         except USER_ERRORS as exc:
             print(f"run_full_evaluation: error in {spec.row_name} seed {spec.seed}: {exc}",
                   file=sys.stderr, flush=True)
