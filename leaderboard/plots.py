@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaderboard.tables import SuiteGroup, buckets
+from leaderboard.grouping import SuiteGroup, buckets
 
 
 def _mean_curves(records: list[dict]) -> pd.DataFrame | None:

@@ -600,8 +600,8 @@ def test_written_files_markdown_csv_and_json(results: Path, tmp_path: Path) -> N
 
 
 def test_curves_are_drawn_for_the_official_rows_only(tmp_path: Path) -> None:
+    from leaderboard.grouping import prepare
     from leaderboard.plots import curve_rows
-    from leaderboard.tables import prepare
 
     res = tmp_path / "results"
     for seed in (0, 1, 7):
