@@ -271,3 +271,30 @@ def test_the_standard_version_s_own_square_gain_is_read_from_its_log():
            "robust accuracy after SQUARE: 41.20% (total time 9 s)\n")
     assert square_gain_in_log(log) == pytest.approx(0.044)
     assert square_gain_in_log(log.rsplit("robust accuracy after SQUARE", 1)[0]) is None
+
+
+@pytest.mark.parametrize("change", ["drop a key", "add a key", "reshape", "not tensors"])
+def test_the_evaluator_loads_only_weights_that_fit_the_architecture_exactly(honest, change):
+    """A state_dict missing a layer would leave that layer at its random initialisation
+    (a model nobody trained); an extra key, a wrong shape or a non-tensor value is refused
+    the same way: one error naming the checkpoint, nothing evaluated."""
+    from bench.data import DatasetInfo
+    from bench.evaluate import model_from_weights
+    from bench.records import RecordError
+
+    model, _, _, suite = honest
+    info = DatasetInfo("prototypes", 10, 3, 16, (0.5,) * 3, (0.25,) * 3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = model_from_weights(suite, info, weights, "model", Path("last.pt"), torch.device("cpu"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())
+    first = next(k for k, v in weights.items() if v.dim() > 1)
+    if change == "drop a key":
+        del weights[first]
+    elif change == "add a key":
+        weights["extra.weight"] = torch.zeros(3)
+    elif change == "reshape":
+        weights[first] = weights[first].flatten()
+    else:
+        weights[first] = weights[first].tolist()
+    with pytest.raises(RecordError, match=r"last\.pt: 'model' (does not fit|is not a state_dict)"):
+        model_from_weights(suite, info, weights, "model", Path("last.pt"), torch.device("cpu"))
