@@ -292,7 +292,8 @@ def evaluation_info(rec: dict) -> dict:
     if version == "none":
         label, n_aa = None, 0
     else:
-        label = aa.get("label") if isinstance(aa.get("label"), str) else AA_LABELS[version]
+        # from the version the evaluator ran, never from the record's own label text
+        label = AA_LABELS[version]
         n_aa = _int(aa.get("n_images")) or _int(last.get("n_autoattack")) or n_subset
     attacks = worst.get("attacks")
     if not (isinstance(attacks, list) and all(isinstance(a, str) for a in attacks)):

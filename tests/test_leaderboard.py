@@ -498,6 +498,12 @@ def test_attack_columns_say_what_ran_on_how_many_images(tmp_path: Path) -> None:
     assert "Square check (1000 queries) on the first 200 of the 400 test images" in md
     assert ("only if every attack failed on it (clean classification, PGD-20, CW-20, "
             "APGD-CE+APGD-T and the Square check (1000 queries))") in md
+    # a record claiming the standard label for the APGD pair is not believed
+    forged = tmp_path / "forged"
+    rec = make_record(aa_version="apgd", n=400, n_sub=200)
+    rec["evaluation"]["autoattack"]["label"] = "AutoAttack"
+    write(forged, rec)
+    assert "| APGD-CE+APGD-T best (200 img) |" in board(forged, tmp_path / "out1")
     standard = tmp_path / "standard"
     write(standard, make_record())
     md = board(standard, tmp_path / "out2")
@@ -721,3 +727,11 @@ def test_mixed_co_rule_versions_are_warned_about(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", LeaderboardWarning)
         tables(res)
+
+
+def test_the_board_labels_each_autoattack_version_as_the_evaluator_names_it() -> None:
+    from attacks.autoattack import VERSIONS, attack_set_label
+    from leaderboard.tables import AA_LABELS as BOARD_LABELS
+
+    assert {v: BOARD_LABELS[v] for v in VERSIONS} == {v: AA_LABELS[v] for v in VERSIONS}
+    assert all(attack_set_label(v) == AA_LABELS[v] for v in VERSIONS)
