@@ -14,8 +14,11 @@ in fp32 with autocast off (and TF32 off on CUDA).
 Per model and checkpoint, per image: clean, PGD-20 (CE, step eps/4, random start),
 CW-20 (margin loss) on the suite's evaluation set; on its first `autoattack_size` images
 (the *attack subset*), AutoAttack (official `pyautoattack`, the suite's version) and a
-gradient-free Square check; `worst_case` counts an image of the subset as robust only if
-every attack failed on it, and is what the leaderboard ranks. Sanity checks
+gradient-free Square check. An image counts as robust to an attack only if it is also
+classified correctly without one (as AutoAttack counts: a random start can land a
+misclassified image on a correct prediction, which is not robustness); `worst_case`
+counts an image of the subset as robust only if every attack failed on it, and is what the
+leaderboard ranks. Sanity checks
 (`bench.sanity`) flag masked gradients and dead models. The record carries the sha256 of
 every checkpoint it scored, the per-image results, the curve re-check, and provenance.
 """
@@ -163,6 +166,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Su
         cw20 = correct_under_pgd(model, x, y, eps, e.pgd_step_ratio * eps, e.cw_steps,
                                  e.batch_size, _seeded(seed + 1, device), loss="cw",
                                  progress=bar("CW-20"))
+        pgd20, cw20 = pgd20 & clean, cw20 & clean  # robust = correct clean and attacked
         per_image = {"clean": clean, "pgd20": pgd20, "cw20": cw20}
         gradient = (clean & pgd20 & cw20)[:n_sub]
         aa_info: dict = {"version": e.autoattack}

@@ -92,6 +92,14 @@ def _check_metrics(model: str, ckpt: str, m: Any, bits: Any) -> None:
             decoded[attack] = unpack_bits(text, length)
         except SchemaError as exc:
             raise SchemaError(f"per_image[{model!r}][{ckpt!r}][{attack!r}]: {exc}") from exc
+    clean = decoded.get("clean")
+    if clean is not None:
+        for attack, flags in decoded.items():
+            _need(not any(f and not c for f, c in zip(flags, clean)),
+                  f"per_image[{model!r}][{ckpt!r}][{attack!r}]",
+                  "an image counted robust must also be classified correctly without attack "
+                  "(a record evaluated before ROBench counted it so: run `robench evaluate` "
+                  "on its run folder again)")
     for metric, attacks in PER_IMAGE_OF.items():
         if m.get(metric) is None:
             continue

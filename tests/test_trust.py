@@ -298,3 +298,33 @@ def test_the_evaluator_loads_only_weights_that_fit_the_architecture_exactly(hone
         weights[first] = weights[first].tolist()
     with pytest.raises(RecordError, match=r"last\.pt: 'model' (does not fit|is not a state_dict)"):
         model_from_weights(suite, info, weights, "model", Path("last.pt"), torch.device("cpu"))
+
+
+class _WrongOnlyWhenUnperturbed(torch.nn.Module):
+    """Misclassifies each stored image exactly, classifies anything else correctly, with a
+    zero input gradient: an attack's random start alone makes it 'correct'."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x0", x.clone())
+        self.register_buffer("y0", y.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat, stored = x.flatten(1), self.x0.flatten(1)
+        nearest = torch.cdist(flat.detach(), stored).argmin(1)
+        exact = (flat.detach() == stored[nearest]).all(1)
+        label = torch.where(exact, (self.y0[nearest] + 1) % 10, self.y0[nearest])
+        return 10.0 * torch.nn.functional.one_hot(label, 10).float() + (flat * 0.0).sum(1, True)
+
+
+def test_an_image_wrong_without_attack_is_never_counted_robust(honest):
+    from bench.evaluate import evaluate_model
+
+    _, x, y, suite = honest
+    model = _WrongOnlyWhenUnperturbed(x[:8], y[:8]).eval()
+    result = evaluate_model(model, x[:8], y[:8], suite, 0, "t", False, num_classes=10)
+    # the attacks' random start alone lands every image on its correct class
+    assert model(x[:8] + 1e-3).argmax(1).eq(y[:8]).all()
+    assert result.metrics["clean"] == 0.0
+    assert result.metrics["pgd20"] == 0.0 and result.metrics["cw20"] == 0.0
+    assert result.metrics["worst_case"] == 0.0

@@ -95,6 +95,24 @@ def test_verify_refuses_a_number_its_own_per_image_results_contradict(copy, caps
     assert "disagrees with its per-image results" in capsys.readouterr().out
 
 
+def test_verify_refuses_an_image_robust_but_wrong_without_attack(copy, capsys):
+    """Counts unchanged: one clean-correct image robust to PGD-20 is swapped for a
+    misclassified one; robustness of a misclassified image is not robustness."""
+    results, path = copy
+
+    def swap(record):
+        m = record["metrics"]["model"]["last"]
+        bits = record["per_image"]["model"]["last"]
+        clean, pgd = unpack_bits(bits["clean"], m["n"]), unpack_bits(bits["pgd20"], m["n"])
+        pgd[pgd.index(True)] = False
+        pgd[clean.index(False)] = True
+        bits["pgd20"] = pack_bits(pgd)
+    _rewrite(path, swap)
+    assert main(["verify", str(results)]) == 2
+    assert ("per_image['model']['last']['pgd20']: an image counted robust must also be "
+            "classified correctly without attack") in capsys.readouterr().out
+
+
 def test_verify_refuses_a_swapped_checkpoint(copy, capsys):
     results, path = copy
     shutil.copy2(path.parent / "best.pt", path.parent / "last.pt")
