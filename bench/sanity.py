@@ -6,7 +6,8 @@ Every check returns flags `{"check", "level", "message"}`. Levels:
   marks the row and does not rank it.
 - `integrity`: what the training process recorded does not match its checkpoint (e.g. the
   validation curve that chose the best checkpoint); marked and not ranked.
-- `health`: the model did not learn (clean accuracy at chance); marked, still ranked.
+- `health`: the model did not learn (clean accuracy at chance), or PGD-20 is fooled where
+  AutoAttack is not (the ranked worst case counts AutoAttack); marked, still ranked.
 - `note`: shown, changes nothing (AutoAttack's own messages below their calibrated level).
 
 Each threshold was calibrated on the honest records of the CPU suites (no false alarm)
@@ -149,10 +150,14 @@ def flags_from(m: dict, suite: Suite) -> list[dict]:
             f"on {k} images by more than {MORE_STEPS_SLACK:.2f} + noise {noise:.3f}: "
             "the attack does not converge")))
     if m["autoattack"] is not None and m["pgd20_on_subset"] - m["autoattack"] > AA_GAP_FLAG:
-        flags.append(flag("aa_pgd_gap", "masking", (
+        # health, not masking: AutoAttack already caught what PGD-20 missed, and the ranked
+        # worst case counts AutoAttack; only the PGD-20 columns overstate robustness (a
+        # catastrophically overfitted single-step model does this honestly)
+        flags.append(flag("aa_pgd_gap", "health", (
             f"PGD-20 {m['pgd20_on_subset']:.3f} exceeds AutoAttack {m['autoattack']:.3f} on "
-            f"the same {m['n']} images by more than {AA_GAP_FLAG:.2f}: possible gradient "
-            "masking")))
+            f"the same {m['n']} images by more than {AA_GAP_FLAG:.2f}: PGD-20 is fooled "
+            "(masked gradients); its columns overstate robustness, the ranked worst case "
+            "counts AutoAttack")))
     if (m["square_only"] is not None and m["square_only"] > SQUARE_ONLY_MAX
             and round(m["square_only"] * m["n"]) >= MIN_IMAGES):
         flags.append(flag("square_beats_gradients", "masking", (

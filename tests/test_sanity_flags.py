@@ -47,7 +47,9 @@ def test_each_check_fires_just_above_its_threshold_only(case):
     change, expected = CASES[case]
     fired = flags_from({**HONEST, **change}, load_suite("smoke"))
     assert [f["check"] for f in fired] == ([expected] if expected else [])
-    assert all(f["level"] == "masking" and f["message"] for f in fired)
+    # PGD-20 above AutoAttack: AutoAttack (so the ranked worst case) caught what PGD missed
+    levels = {"aa_pgd_gap": "health"}
+    assert all(f["level"] == levels.get(f["check"], "masking") and f["message"] for f in fired)
 
 
 def test_a_model_at_chance_gets_no_masking_check():

@@ -209,7 +209,8 @@ def test_weight_masked_models_are_flagged_and_the_honest_one_is_not(honest, kind
         assert not masking
     else:
         # the argmax is the honest model's, the cross-entropy gradient is gone
-        assert masking >= {"zero_gradients", "aa_pgd_gap"}
+        assert "zero_gradients" in masking
+        assert "aa_pgd_gap" in {f["check"] for f in result.flags if f["level"] == "health"}
         assert result.metrics["pgd20"] > result.metrics["worst_case"] + 0.3
 
 
