@@ -327,7 +327,8 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
         flags += [{**f, "model": "model", "checkpoint": tag}
                   for f in curve_flags(curves[tag])]
         for name, weights in {"model": ckpt["model"], **extra}.items():
-            model = model_from_weights(suite, splits.info, weights, name, path, device)
+            model = model_from_weights(suite, splits.info, weights, name, path, device,
+                                       channels_last=True)
             label = f"[{tag} epoch {ckpt['epoch']}] {name}"
             result = evaluate_model(model, x, y, suite, seed, label, progress,
                                     num_classes=splits.info.num_classes)
