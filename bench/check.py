@@ -32,9 +32,9 @@ from bench.records import load_checkpoint, read_history
 
 REQUIRED_CARD_FIELDS = ("name", "paper", "venue", "link", "extra_data")
 TIMING_KEYS = ("seconds", "curve_seconds", "cpu_seconds")
-# weights restored by subtracting a perturbation ((w + v) - v, as AWP's and RWP's reference
-# code do) come back within rounding (~1e-7 of their size), not bit for bit; a perturbation
-# left behind is of the order of the defense's strength (1e-3 to 1e-2)
+# weights restored by subtracting a perturbation ((w + v) - v, as weight-perturbing
+# defenses' reference code does) come back within rounding (~1e-7 of their size), not bit
+# for bit; a perturbation left behind is of the order of the defense's strength (1e-3 to 1e-2)
 CLEAN_TOLERANCE = 1e-5
 
 
@@ -101,7 +101,8 @@ def declaration_problems(cls: type) -> list[str]:
 
 
 def static_checks(cls: type) -> list[Outcome]:
-    from defenses.base import Defense, hook_signature_problems
+    from defenses.base import Defense
+    from defenses.loading import hook_signature_problems
 
     out = [Outcome("Defense subclass", issubclass(cls, Defense))]
     for check, problems in (("card complete", card_problems(cls)),
@@ -274,7 +275,7 @@ def dynamic_checks(spec: DefenseSpec, method: str, smoke: Suite, splits: Splits,
 
 def run_checks(reference: str, dynamic: bool = True) -> list[Outcome]:
     from bench.config import parse_defense_arg
-    from defenses.base import build_defenses, resolve_defense
+    from defenses.loading import build_defenses, resolve_defense
 
     try:
         spec = parse_defense_arg(reference)

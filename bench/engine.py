@@ -87,7 +87,8 @@ from bench.records import (
     write_json_atomic,
 )
 from bench.state import TrainState, preserved_bn_stats, preserved_global_rng
-from defenses.base import Defense, build_defenses
+from defenses.base import Defense
+from defenses.loading import build_defenses
 
 NONFINITE_CHECK_EVERY = 50
 

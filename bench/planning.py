@@ -1,12 +1,12 @@
 """Expands a full evaluation (a suite, defenses, methods, seeds) into run specs.
 
-Each entry of `defenses` is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g. `trades+awp`).
+Each entry of `defenses` is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g. `trades+NAME`).
 The plain methods (default: the suite's `methods`, e.g. `at`) are always run as
 baselines. A defense without a method prefix runs with each of those methods it composes
 with; one that composes with none of them runs with its own first method of the same kind
-(multi-step or single-step) as the suite's methods, e.g. CURE (TRADES only) as
-`trades+cure` on an AT suite, and is skipped with a note when there is none (LAP,
-single-step only, on a multi-step suite). Every method a row uses also gets its plain
+(multi-step or single-step) as the suite's methods, e.g. a TRADES-only defense as
+`trades+NAME` on an AT suite, and is skipped with a note when there is none (a
+single-step-only defense on a multi-step suite). Every method a row uses also gets its plain
 row, so every row has its reference.
 
 Planning reads the defenses' declared methods, so it imports defense code: the launcher

@@ -1,6 +1,6 @@
 """AROID's search space and its batched, per-image application on the device.
 
-Four categorical heads, applied in this order (../shared/specs/aroid.md):
+Four categorical heads, applied in this order (as the paper's policy space):
 
   flip    2 classes    0 = none, 1 = horizontal flip
   crop   16 classes    CropShift with total shift k = 0..15 pixels (0 = none)

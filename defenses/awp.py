@@ -6,7 +6,7 @@ layer-wise normalised ascent step on the training objective with respect to
 the conv/linear kernels, v_l = gamma * ||w_l|| * g_l / ||g_l||, trains at w + v
 (momentum and weight decay act there) and removes v afterwards.
 
-Engine-specific choices (see ../shared/specs/awp_rwp.md): g is computed with
+Engine-specific choices: g is computed with
 `torch.autograd.grad` on the live model instead of a proxy copy (same
 direction, no copy), and the extra forward does not update BatchNorm running
 statistics, matching the reference which updates them once per batch.

@@ -1,6 +1,6 @@
 """CURE: Conserve-Update-Revise (Gowda, Zonooz & Arani, "Conserve-Update-Revise to Cure
 Generalization and Robustness Trade-off in Adversarial Training", ICLR 2024).
-Spec: ../shared/specs/cure.md.
+Algorithm and choices: this docstring and the card.
 
 Moving from standard to adversarial training, updating only the weights with prominent
 gradients and conserving the rest learns better; a stochastically revised copy of the

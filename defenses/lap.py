@@ -1,6 +1,6 @@
 """LAP: Layer-Aware Adversarial Weight Perturbation (Lin, Yu, Han, Su & Liu,
 "Layer-Aware Analysis of Catastrophic Overfitting: Revealing the Pseudo-Robust
-Shortcut Dependency", ICML 2024). Spec: ../shared/specs/lap.md.
+Shortcut Dependency", ICML 2024).
 
 Catastrophic overfitting in single-step adversarial training starts in the
 early layers ("pseudo-robust shortcuts"); LAP perturbs the weights with a

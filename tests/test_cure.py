@@ -39,8 +39,9 @@ from defenses._cure_ops import (
     trades_objective,
     update_mask,
 )
-from defenses.base import Defense, build_defenses
+from defenses.base import Defense
 from defenses.cure import CURE, PER_ARCHITECTURE
+from defenses.loading import build_defenses
 
 CPU = torch.device("cpu")
 

@@ -23,9 +23,9 @@ from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
 from bench.records import load_checkpoint, read_history
 from bench.state import TrainState, seeded_global_rng
-from defenses.base import build_defenses
 from defenses.dom import DomRE
 from defenses.dom_da import DomDA
+from defenses.loading import build_defenses
 
 CPU = torch.device("cpu")
 

@@ -22,7 +22,8 @@ from bench.engine import NonFiniteLossError, Trainer, learning_rate
 from bench.errors import DefenseError
 from bench.records import load_checkpoint, read_history
 from bench.state import kernel_parameters
-from defenses.base import Defense, build_defenses
+from defenses.base import Defense
+from defenses.loading import build_defenses
 
 
 @pytest.mark.parametrize("method", ["at", "trades"])

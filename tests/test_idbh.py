@@ -22,7 +22,6 @@ from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
 from bench.records import load_checkpoint
 from defenses import augment_ops as A
-from defenses.base import build_defenses
 from defenses.idbh import (
     _APPLIED,
     COLOUR_SHAPE,
@@ -32,6 +31,7 @@ from defenses.idbh import (
     idbh_augment,
     sample_idbh,
 )
+from defenses.loading import build_defenses
 
 CPU = torch.device("cpu")
 FORMATS = {1: torch.contiguous_format, 3: torch.channels_last}

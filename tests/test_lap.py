@@ -24,7 +24,6 @@ from bench.engine import Trainer
 from bench.models import PreActResNet18
 from bench.records import read_history
 from bench.state import kernel_parameters
-from defenses.base import build_defenses
 from defenses.lap import (
     LAP,
     layer_aware_perturbation,
@@ -32,6 +31,7 @@ from defenses.lap import (
     published_beta,
     tentative_update,
 )
+from defenses.loading import build_defenses
 
 REAL = 0.05  # a beta that visibly changes training on the smoke suite
 
