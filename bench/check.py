@@ -102,7 +102,7 @@ def declaration_problems(cls: type) -> list[str]:
 
 def static_checks(cls: type) -> list[Outcome]:
     from defenses.base import Defense
-    from defenses.loading import hook_signature_problems
+    from defenses.registry import hook_signature_problems
 
     out = [Outcome("Defense subclass", issubclass(cls, Defense))]
     for check, problems in (("card complete", card_problems(cls)),
@@ -275,7 +275,7 @@ def dynamic_checks(spec: DefenseSpec, method: str, smoke: Suite, splits: Splits,
 
 def run_checks(reference: str, dynamic: bool = True) -> list[Outcome]:
     from bench.config import parse_defense_arg
-    from defenses.loading import build_defenses, resolve_defense
+    from defenses.registry import build_defenses, resolve_defense
 
     try:
         spec = parse_defense_arg(reference)

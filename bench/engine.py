@@ -88,7 +88,7 @@ from bench.records import (
 )
 from bench.state import TrainState, preserved_bn_stats, preserved_global_rng
 from defenses.base import Defense
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 NONFINITE_CHECK_EVERY = 50
 

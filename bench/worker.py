@@ -33,7 +33,7 @@ USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, No
 def validate_spec(spec: RunSpec, suite: Suite) -> None:
     """Fail fast on unknown methods/defenses/parameters and slot conflicts,
     before any data is loaded or any training starts (imports the defenses)."""
-    from defenses.loading import build_defenses
+    from defenses.registry import build_defenses
 
     check_method(spec.method)
     build_defenses(spec.defenses, spec.method, suite)

@@ -1,5 +1,5 @@
 """AROID's policy network, its sampling, the hierarchical diversity penalty and the
-REINFORCE objective with a per-image baseline (../shared/specs/aroid.md).
+REINFORCE objective with a per-image baseline (as in the paper).
 
 Everything here runs on the device without host synchronisation: sampling is an inverse
 CDF on uniforms from a given generator, the penalty's masks and counts stay tensors.

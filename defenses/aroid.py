@@ -1,5 +1,5 @@
 """AROID (Li, Qiu & Spratling, "AROID: Improving Adversarial Robustness Through Online
-Instance-Wise Data Augmentation", IJCV 2024). Spec: ../shared/specs/aroid.md.
+Instance-Wise Data Augmentation", IJCV 2024).
 
 A policy network looks at each clean training image and picks, per image, one class of each
 of four augmentation heads (flip, CropShift, a colour/shape op with its magnitude, erasing;

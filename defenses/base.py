@@ -1,5 +1,5 @@
-"""The defense extension point: `Defense`, `DefenseCard` and the registry (loading and
-checks: `defenses.loading`).
+"""The defense extension point: `Defense`, `DefenseCard` and `register_defense`; finding,
+checking and building defenses for a run is `defenses.registry`.
 
 A defense is an `nn.Module` (so proxy models, EMA copies and policy networks
 move with `.to(device)` and land in `state_dict()`) that overrides only the
@@ -186,7 +186,7 @@ def _load_builtin() -> None:
         return
     _loaded_builtin = True
     import defenses  # noqa: F401  (imports the built-in modules)
-    from defenses.loading import import_problem
+    from defenses.registry import import_problem
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

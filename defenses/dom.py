@@ -21,7 +21,7 @@ distracts the network from the low-loss examples:
 
 Both compose with `at` (PGD-AT), `fgsm_rs` and `standard` (natural training).
 
-Engine-specific choices (see ../shared/specs/dom.md):
+Engine-specific choices:
 - The natural loss is computed only after the warm-up (the reference computes it every
   batch), so before the warm-up a run is the plain method bit for bit. It uses the model
   in its training mode, under the engine's autocast, without a graph.

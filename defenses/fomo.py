@@ -14,7 +14,7 @@ moving stable model consolidates knowledge:
       mode and detached.
 `eval_models` adds the stable model (`fomo.stable`) to the evaluation.
 
-RECONSTRUCTED (see ../shared/specs/fomo.md): there is no official code and the paper's
+RECONSTRUCTED: there is no official code and the paper's
 Algorithm 1 and appendix were not available, so every unknown is a parameter whose
 default is ROBench's choice, not the paper's: `rho`, `period`, `until`,
 `eligible_fraction`, `skip_shortcuts`, `per_layer`, `init`, `ema_decay`,

@@ -28,7 +28,7 @@ Exact solver (`worst_case_weights`), on the losses' device, O(N log N), no host 
      10 vectorised rounds), between an analytic lower bracket and the safe upper bracket
      (L - l_lo) / (e^r - 1). The upper end of the final bracket is used (KL <= r holds).
 
-Engine-specific choices (see ../shared/specs/hr.md): the reference solves a cvxpy
+Engine-specific choices: the reference solves a cvxpy
 problem on the CPU with ECOS (MOSEK, SCS as fallbacks) every batch and replaces alpha = 0
 by 1e-6 (and r = 0 by 1e-3 when alpha > 0) for numerical stability; the exact solver needs
 neither. The weights come from the detached per-sample loss of the base method (the

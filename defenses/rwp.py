@@ -18,7 +18,7 @@ as AWP does. If no example passes the mask, a = 0 and so v = 0: the step is the 
 method. With `trades` the thresholded loss is the method's per-example loss,
 CE(clean) + beta * KL(clean || adv) summed over classes.
 
-Engine-specific choices (see ../shared/specs/awp_rwp.md): the gradients come from
+Engine-specific choices: the gradients come from
 `torch.autograd.grad` on the live model instead of the reference's two proxy copies
 (same values: the reference's proxy learning rate cancels in the normalisation), and
 the ascent forwards do not update BatchNorm running statistics (the reference's proxies

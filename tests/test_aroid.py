@@ -38,7 +38,7 @@ from defenses._aroid_policy import (
 )
 from defenses._aroid_space import COLOUR, HEADS, apply_actions, identity_actions
 from defenses.aroid import AROID
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")
 FAST = {"backbone": "suite", "trajectories": 2, "update_every": 2, "warmup_epochs": 0}

@@ -41,7 +41,7 @@ from defenses._cure_ops import (
 )
 from defenses.base import Defense
 from defenses.cure import CURE, PER_ARCHITECTURE
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")
 

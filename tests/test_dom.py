@@ -25,7 +25,7 @@ from bench.records import load_checkpoint, read_history
 from bench.state import TrainState, seeded_global_rng
 from defenses.dom import DomRE
 from defenses.dom_da import DomDA
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")
 

@@ -23,7 +23,7 @@ from bench.errors import DefenseError
 from bench.records import load_checkpoint, read_history
 from bench.state import kernel_parameters
 from defenses.base import Defense
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 
 @pytest.mark.parametrize("method", ["at", "trades"])

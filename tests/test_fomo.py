@@ -38,7 +38,7 @@ from defenses._fomo_ops import (
     reset_optimizer_state_,
 )
 from defenses.fomo import FOMO, RECONSTRUCTION, first_decay_fraction, forgetting_epochs
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")
 # forgetting after every epoch but the last, consistency from the first forgetting on

@@ -20,7 +20,7 @@ from invariants import (
 from bench.config import ConfigError, DefenseSpec
 from defenses.base import list_defenses
 from defenses.hr import HR, hr_objective, worst_case_weights
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CVXPY_CASES_PER_SIZE = 15  # 45 random batches in all
 WEIGHT_TOL = 1e-4  # on the probability weights w (they sum to 1)

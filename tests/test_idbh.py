@@ -31,7 +31,7 @@ from defenses.idbh import (
     idbh_augment,
     sample_idbh,
 )
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")
 FORMATS = {1: torch.contiguous_format, 3: torch.channels_last}

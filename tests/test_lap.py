@@ -31,7 +31,7 @@ from defenses.lap import (
     published_beta,
     tentative_update,
 )
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 
 REAL = 0.05  # a beta that visibly changes training on the smoke suite
 

@@ -24,7 +24,7 @@ from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
 from bench.records import load_checkpoint, read_history
 from bench.state import kernel_parameters
-from defenses.loading import build_defenses
+from defenses.registry import build_defenses
 from defenses.rwp import (
     RWP,
     ascend,
