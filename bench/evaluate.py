@@ -18,9 +18,9 @@ gradient-free Square check. An image counts as robust to an attack only if it is
 classified correctly without one (as AutoAttack counts: a random start can land a
 misclassified image on a correct prediction, which is not robustness); `worst_case`
 counts an image of the subset as robust only if every attack failed on it, and is what the
-leaderboard ranks. Sanity checks
-(`bench.sanity`) flag masked gradients and dead models. The record carries the sha256 of
-every checkpoint it scored, the per-image results, the curve re-check, and provenance.
+leaderboard ranks. Sanity checks (`bench.sanity`) flag masked gradients and dead models.
+The record carries the sha256 of every checkpoint it scored, the per-image results, the
+curve re-check, and provenance.
 """
 
 from __future__ import annotations
