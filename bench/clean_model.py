@@ -13,11 +13,14 @@ and caches it in the results folder, next to the suite's runs:
         model.pt           weights and the same facts, written atomically and last
 
 A folder without `model.pt` is a half-written cache and is never used (training resumes
-from `train/last.pt`). `key` hashes the suite's protocol hash, the architecture, the
-seed and the recipe (method, epochs, precision), so another suite version, seed or
-budget gets its own entry. Every later run that needs the same clean model loads
-`model.pt` (`weights_only=True`) instead of training it again; a run that resumes
-never asks for it (its checkpoint already holds what the defense built from it).
+from `train/last.pt`). The entry is locked (`bench/locks.py`) while a process looks it up
+and trains it: a second run that needs the same clean model at the same time (another
+worker, another launcher) waits for the first and then loads what it made. `key` hashes
+the suite's protocol hash, the architecture, the seed and the recipe (method, epochs,
+precision), so another suite version, seed or budget gets its own entry. Every later run
+that needs the same clean model loads `model.pt` (`weights_only=True`) instead of training
+it again; a run that resumes never asks for it (its checkpoint already holds what the
+defense built from it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.config import Suite
+from bench.locks import folder_lock
 from bench.records import RecordError, atomic_torch_save, load_checkpoint, write_json_atomic
 
 CLEAN_MODELS_DIR = "_clean_models"
@@ -97,6 +101,17 @@ def obtain_clean_model(root: Path, suite: Suite, seed: int, precision: str,
     resumable), then cached. `info["reused"]` says which."""
     key = cache_key(suite, seed, precision)
     folder = cache_dir(root, suite, seed, precision)
+
+    def waiting(owner: str) -> None:
+        print(f"clean model for {suite.name} seed {seed}: waiting for {owner}, which is "
+              f"making it in {folder}", flush=True)
+
+    with folder_lock(folder, f"clean model seed {seed}", waiting=waiting):
+        return _obtain_locked(folder, key, suite, seed, precision, train, progress)
+
+
+def _obtain_locked(folder: Path, key: str, suite: Suite, seed: int, precision: str,
+                   train: Callable[[Path, Suite], None], progress: bool) -> CleanModel:
     epochs = suite.clean_model_epochs
     cached = load_cached(folder, key)
     if cached is not None:

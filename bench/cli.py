@@ -1,6 +1,7 @@
 """The `robench` command line.
 
     robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
+    robench board --suite SUITE [--defenses ...] [--workers N | --ray [ADDRESS]]
     robench evaluate RUN_DIR
     robench verify [RESULTS] [--reevaluate K]
     robench check PATH.py:Class | NAME
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="seed (default: the suite's first)")
     _add_common(run)
 
+    from bench.full_run import add_arguments as add_board_arguments
+
+    board = sub.add_parser("board", help="run every row of a suite (N runs at a time, or on "
+                           "Ray), then compile the leaderboard")
+    add_board_arguments(board)
+
     ev = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
     ev.add_argument("run_dir")
     ev.add_argument("--suite", default=None, help="suite file, if not a built-in suite")
@@ -90,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--dry-run", action="store_true", help="report changes, write nothing")
 
     sub.add_parser("list", help="suites, methods and defenses with their cards")
-    for command in sub.choices.values():
-        command.add_argument("--debug", action="store_true",
-                             help="show the traceback of an error")
+    for name, command in sub.choices.items():
+        if name != "board":  # has its own
+            command.add_argument("--debug", action="store_true",
+                                 help="show the traceback of an error")
     return parser
 
 
@@ -120,6 +128,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("flags: " + ", ".join(marks))
     print(f"record: {result.record_path}")
     return 0
+
+
+def cmd_board(args: argparse.Namespace) -> int:
+    from bench.full_run import main as board_main
+
+    return board_main(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -233,7 +247,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check_defense(args.defense, dynamic=not args.static_only)
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "verify": cmd_verify, "check": cmd_check,
+COMMANDS = {"run": cmd_run, "board": cmd_board, "evaluate": cmd_evaluate, "verify": cmd_verify,
+            "check": cmd_check,
             "leaderboard": cmd_leaderboard, "recheck-co": cmd_recheck_co, "list": cmd_list}
 
 

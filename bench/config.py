@@ -108,6 +108,15 @@ class CleanModelConfig:
     epochs: int = 0  # its training budget; 0 = the suite's [train] epochs
 
 
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one run asks of a Ray cluster (never part of the protocol): CPUs (also the
+    CPU threads of its processes) and GPUs (a fraction lets small runs share a GPU)."""
+
+    cpus: float = 1.0
+    gpus: float = 1.0
+
+
 # Fields added after suites had been published, as (section, key): left out of the protocol
 # hash while they hold their dataclass default, so adding them changed no existing suite's
 # hash (and so invalidated no run folder and split no leaderboard). A section listed in
@@ -118,7 +127,8 @@ HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
                                                      ("eval", "square_queries"))
 HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
 # Suite fields that never enter the protocol hash (see Suite.protocol_hash).
-NOT_HASHED: tuple[str, ...] = ("description", "defense_overrides", "source_hash", "methods")
+NOT_HASHED: tuple[str, ...] = ("description", "defense_overrides", "source_hash", "methods",
+                               "resources")
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ class Suite:
     # defense runs with every one of them it composes with
     methods: tuple[str, ...] = ("at",)
     clean_model: CleanModelConfig = field(default_factory=CleanModelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     @property
     def clean_model_epochs(self) -> int:
@@ -198,7 +209,8 @@ class Suite:
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                    "curves": CurveConfig, "eval": EvalConfig, "clean_model": CleanModelConfig}
+                    "curves": CurveConfig, "eval": EvalConfig, "clean_model": CleanModelConfig,
+                    "resources": ResourcesConfig}
 
 
 def _from_plain(kind: type, values: dict):
@@ -296,6 +308,11 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
                           f"Square check), got {evaluation.square_queries!r}")
     if evaluation.autoattack not in ("standard", "apgd", "reduced", "none"):
         raise ConfigError(f"{where} [eval]: autoattack must be standard, apgd, reduced or none")
+    resources = _build(ResourcesConfig, _section(raw, "resources", where),
+                       f"{where} [resources]", fractions=("cpus", "gpus"))
+    if resources.cpus <= 0 or resources.gpus < 0:
+        raise ConfigError(f"{where} [resources]: cpus must be > 0 and gpus >= 0, got "
+                          f"cpus = {resources.cpus}, gpus = {resources.gpus}")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
@@ -318,6 +335,7 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
         source_hash=hashlib.sha256(text.encode()).hexdigest(),
         methods=tuple(methods),
         clean_model=clean_model,
+        resources=resources,
     )
 
 

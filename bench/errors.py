@@ -21,3 +21,12 @@ class DefenseError(RuntimeError):
 class RunFailedError(RuntimeError):
     """A run's training or evaluation process failed; its message is the process's own
     one-line error."""
+
+
+class RunBusyError(RuntimeError):
+    """Another live process holds the run folder's lock (it is training or evaluating
+    that run now)."""
+
+
+class LockLostError(RuntimeError):
+    """Another process took over a folder this process held (it judged the lock stale)."""

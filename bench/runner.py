@@ -17,7 +17,11 @@ failing process ends with one line (`RunFailedError`); what was kept stays kept.
 
 Runs are independent and resumable: a half-done run folder continues from `last.pt`, a
 trained but unevaluated one is only evaluated, and a finished one (with a valid
-`record.json`) is skipped.
+`record.json`) is skipped. A run folder is owned by one launcher at a time
+(`bench/locks.py`): the launcher holds its lock while the run's processes work, so two
+launchers (or Ray tasks) on one results folder never train the same run twice. The
+children die with the launcher that started them (Linux: the parent-death signal), so a
+killed launcher leaves no orphan writing into a folder whose lock has gone stale.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import RunSpec, Suite, check_method, load_suite
-from bench.errors import RunFailedError, RunMismatchError
+from bench.errors import RunBusyError, RunFailedError, RunMismatchError
+from bench.locks import FolderLock
 from bench.records import RecordError, read_record
 
 DEFAULT_RESULTS = Path("results")
@@ -83,12 +90,17 @@ class RunResult:
     spec: RunSpec
     run_dir: Path
     record_path: Path
-    seconds: float
+    seconds: float  # 0.0 when a finished record was reused
+
+
+OutputSink = Callable[[str], None]  # receives each line (or progress-bar update) of a child
 
 
 @dataclass
 class Launch:
-    """How child processes are started (shared by every run of a launcher)."""
+    """How child processes are started (shared by every run of a launcher). `output`:
+    None lets the children write to the launcher's terminal; a callable receives their
+    output instead, one line or progress-bar update at a time (parallel runs)."""
 
     results: Path = DEFAULT_RESULTS
     data_root: str | None = None
@@ -96,27 +108,88 @@ class Launch:
     progress: bool = True
     threads: int | None = None
     debug: bool = False
+    output: OutputSink | None = None
+    notices: OutputSink | None = None  # the launcher's own messages (locks), in every mode
 
 
-def child_environment() -> dict[str, str]:
+def child_environment(threads: int | None = None) -> dict[str, str]:
     """The launcher's environment, with this checkout first on PYTHONPATH (so the child
-    imports the same ROBench, installed or not)."""
+    imports the same ROBench, installed or not); with `threads`, OpenMP and MKL are held
+    to that many threads too (torch's own count is set by the child)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
 
-def run_child(args: list[str], payload: dict, what: str, launch: Launch) -> str:
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM when the launcher that started it dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _pump(stream, sink: OutputSink) -> None:
+    """Forward a child's output to `sink`, split at newlines and carriage returns (a
+    progress bar's updates end in a carriage return)."""
+    buffer = b""
+    while True:
+        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        *parts, buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for part in parts:
+            text = part.decode(errors="replace").rstrip()
+            if text:
+                sink(text)
+    if buffer.strip():
+        sink(buffer.decode(errors="replace").rstrip())
+
+
+def run_child(args: list[str], payload: dict, what: str, launch: Launch,
+              capture_stdout: bool = False) -> str:
     """Run `python -m <args>` with `payload` (JSON) on stdin; return its stdout. A failure
-    raises RunFailedError with the child's own one-line message."""
+    raises RunFailedError with the child's own one-line message. With `launch.output`
+    (and not `capture_stdout`), the child's stdout and stderr go to it instead."""
     fd, error_file = tempfile.mkstemp(prefix="robench-error-", suffix=".txt")
     os.close(fd)
     try:
         command = [sys.executable, "-m", *args, "--error-file", error_file]
         if launch.debug:
             command.append("--debug")
-        proc = subprocess.run(command, input=json.dumps(payload), text=True,
-                              stdout=subprocess.PIPE, env=child_environment(), cwd=os.getcwd())
+        stream = launch.output is not None and not capture_stdout
+        proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if stream else None,
+            env=child_environment(launch.threads), cwd=os.getcwd(),
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        if stream:
+            proc.stdin.write(json.dumps(payload).encode())
+            proc.stdin.close()
+            pump = threading.Thread(target=_pump, args=(proc.stdout, launch.output),
+                                    daemon=True)
+            pump.start()
+            try:
+                proc.wait()
+            except BaseException:
+                proc.terminate()
+                raise
+            pump.join()
+            out = ""
+        else:
+            try:
+                raw, _ = proc.communicate(json.dumps(payload).encode())
+            except BaseException:
+                proc.terminate()
+                raise
+            out = (raw or b"").decode()
         message = Path(error_file).read_text().strip()
     finally:
         os.unlink(error_file)
@@ -124,7 +197,7 @@ def run_child(args: list[str], payload: dict, what: str, launch: Launch) -> str:
         if not message:
             message = f"the process exited with status {proc.returncode} without a message"
         raise RunFailedError(f"{what}: {message}")
-    return proc.stdout
+    return out
 
 
 def train_in_child(spec: RunSpec, suite: Suite, launch: Launch) -> None:
@@ -146,13 +219,33 @@ def evaluate_in_child(run_dir: Path, suite: Suite, spec: RunSpec, launch: Launch
 
 def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | None = None,
             device: str | None = None, progress: bool = True, suite: Suite | None = None,
-            threads: int | None = None, debug: bool = False) -> RunResult:
+            threads: int | None = None, debug: bool = False, wait: bool = True,
+            launch: Launch | None = None) -> RunResult:
     """Train (or resume) and evaluate one run, each in its own process; returns where its
-    record is. The record is checked against the suite and the checkpoint files."""
+    record is. The record is checked against the suite and the checkpoint files. The run
+    folder's lock is held throughout; when another live process holds it, `wait` waits
+    for it (then reuses what it made), otherwise RunBusyError is raised at once.
+    `launch`, when given, replaces the keyword arguments after `suite`."""
     suite = suite or load_suite(spec.suite)
     check_method(spec.method)
-    launch = Launch(Path(results), data_root, device, progress, threads, debug)
-    run_dir = run_dir_for(spec, results)
+    launch = launch or Launch(Path(results), data_root, device, progress, threads, debug)
+    run_dir = run_dir_for(spec, launch.results)
+    what = f"{spec.row_name} seed {spec.seed}"
+    say = launch.notices or (lambda text: print(text, file=sys.stderr, flush=True))
+    lock = FolderLock(run_dir, what, log=say)
+    if not lock.try_acquire():
+        if not wait:
+            raise RunBusyError(f"{what} is being run by {lock.owner()}")
+        lock.acquire(waiting=lambda owner: say(f"{what}: waiting for {owner}, which holds "
+                                                f"{run_dir}"))
+    try:
+        return _run_locked(spec, suite, launch, run_dir, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: RunSpec, suite: Suite, launch: Launch, run_dir: Path,
+                lock: FolderLock) -> RunResult:
     record_path = run_dir / "record.json"
     start = time.perf_counter()
     if record_path.exists():
@@ -161,7 +254,9 @@ def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | Non
         check_record_checkpoints(record, run_dir)
         return RunResult(spec, run_dir, record_path, 0.0)
     train_in_child(spec, suite, launch)
+    lock.check()
     evaluate_in_child(run_dir, suite, spec, launch)
+    lock.check()
     record = read_record(record_path)
     check_record_matches(record, spec, suite, record_path)
     check_record_checkpoints(record, run_dir)
@@ -173,5 +268,5 @@ def plan_in_child(suite: str, defenses: list[str] | None, methods: list[str] | N
     """`bench.planning.plan_runs` in a child process (it imports defense code)."""
     out = run_child(["bench.worker", "plan"], {"suite": suite, "defenses": defenses,
                                                "methods": methods, "seeds": seeds},
-                    "planning", launch)
+                    "planning", launch, capture_stdout=True)
     return [RunSpec.from_dict(raw) for raw in json.loads(out)]

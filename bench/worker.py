@@ -22,12 +22,19 @@ from pathlib import Path
 
 from bench.config import ConfigError, RunSpec, Suite, check_method
 from bench.data import DataNotFoundError
-from bench.errors import DefenseError, NonFiniteLossError, RunFailedError, RunMismatchError
+from bench.errors import (
+    DefenseError,
+    LockLostError,
+    NonFiniteLossError,
+    RunBusyError,
+    RunFailedError,
+    RunMismatchError,
+)
 from bench.records import RecordError
 
 # errors with a message written for the user: one line, no traceback, exit status 2
 USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, NonFiniteLossError,
-               DefenseError, RunFailedError)
+               DefenseError, RunFailedError, RunBusyError, LockLostError, TimeoutError)
 
 
 def validate_spec(spec: RunSpec, suite: Suite) -> None:
