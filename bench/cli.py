@@ -2,6 +2,7 @@
 
     robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
     robench board --suite SUITE [--defenses ...] [--workers N | --ray [ADDRESS]]
+    robench cost --suite SUITE [--defenses ...] [--rounds R] [--steps N]
     robench evaluate RUN_DIR
     robench verify [RESULTS] [--reevaluate K]
     robench check PATH.py:Class | NAME
@@ -20,7 +21,15 @@ import json
 import sys
 from pathlib import Path
 
-from bench.config import METHODS, RunSpec, Suite, list_suites, load_suite, parse_defense_arg
+from bench.config import (
+    METHODS,
+    ConfigError,
+    RunSpec,
+    Suite,
+    list_suites,
+    load_suite,
+    parse_defense_arg,
+)
 from bench.records import RecordError
 from bench.worker import USER_ERRORS as CHILD_USER_ERRORS
 from bench.worker import child_main
@@ -60,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("board", help="run every row of a suite (N runs at a time, or on "
                            "Ray), then compile the leaderboard")
     add_board_arguments(board)
+
+    cost = sub.add_parser("cost", help="time every row of a suite side by side in one "
+                          "process: the leaderboard's cost ratios, independent of the load")
+    cost.add_argument("--suite", default="fmnist-quick")
+    cost.add_argument("--defenses", default=None,
+                      help="comma-separated defenses (default: every registered one)")
+    cost.add_argument("--methods", default=None, help="baseline methods (default: the suite's)")
+    cost.add_argument("--rounds", type=int, default=5, help="rounds of one block per row")
+    cost.add_argument("--steps", type=int, default=None,
+                      help="training steps per phase (default: 20, or one epoch if shorter)")
+    _add_common(cost)
 
     ev = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
     ev.add_argument("run_dir")
@@ -134,6 +154,25 @@ def cmd_board(args: argparse.Namespace) -> int:
     from bench.full_run import main as board_main
 
     return board_main(args)
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from bench.cost import cost_table, measure_cost, write_cost
+    from bench.curves import pick_device
+    from bench.runner import Launch
+
+    if args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        raise ConfigError("robench cost: --rounds and --steps must be at least 1")
+    threads = args.threads or (1 if pick_device(args.device).type == "cpu" else None)
+    launch = Launch(Path(args.results), args.data_root, args.device, False, threads,
+                    args.debug)
+    document = measure_cost(
+        args.suite, None if args.defenses is None else [d for d in args.defenses.split(",") if d],
+        None if args.methods is None else [m for m in args.methods.split(",") if m],
+        launch, args.steps, args.rounds, say=(lambda text: None) if args.quiet else print)
+    print(cost_table(document))
+    print(f"written: {write_cost(document, Path(args.results))}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -247,9 +286,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check_defense(args.defense, dynamic=not args.static_only)
 
 
-COMMANDS = {"run": cmd_run, "board": cmd_board, "evaluate": cmd_evaluate, "verify": cmd_verify,
-            "check": cmd_check,
-            "leaderboard": cmd_leaderboard, "recheck-co": cmd_recheck_co, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "board": cmd_board, "cost": cmd_cost, "evaluate": cmd_evaluate,
+            "verify": cmd_verify, "check": cmd_check, "leaderboard": cmd_leaderboard,
+            "recheck-co": cmd_recheck_co, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,13 +2,15 @@
 
     python -m bench.worker train --error-file F [--debug]   < {"spec", "suite", ...}
     python -m bench.worker plan  --error-file F [--debug]   < {"suite", "defenses", ...}
+    python -m bench.worker cost  --error-file F [--debug]   < {"suite", "specs", ...} + commands
 
-`train` is the only kind of process that runs defense code: it validates the spec,
-builds the training splits (never the test split) and trains or resumes the run. `plan`
-expands a full evaluation into run specs (it reads the defenses' declared methods) and
-prints them as JSON. Either writes its one-line error to the error file and exits with
-status 2 (the user's input or defense code failed) or 1 (an internal error; `--debug`
-prints its traceback).
+`train` and `cost` are the only kinds of process that run defense code. `train` validates
+the spec, builds the training splits (never the test split) and trains or resumes the run.
+`cost` (`bench/cost_probe.py`) runs blocks of training steps of each row on command, for
+`robench cost` to time from outside. `plan` expands a full evaluation into run specs (it
+reads the defenses' declared methods) and prints them as JSON. Each writes its one-line
+error to the error file and exits with status 2 (the user's input or defense code failed)
+or 1 (an internal error; `--debug` prints its traceback).
 """
 
 from __future__ import annotations
@@ -107,10 +109,15 @@ def child_main(action: Callable[[], None], error_file: str | None, debug: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker")
-    parser.add_argument("command", choices=("train", "plan"))
+    parser.add_argument("command", choices=("train", "plan", "cost"))
     parser.add_argument("--error-file", default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "cost":  # the payload is the first line; commands follow
+        from bench.cost_probe import serve
+
+        payload = json.loads(sys.stdin.readline())
+        return child_main(lambda: serve(payload), args.error_file, args.debug)
     payload = json.loads(sys.stdin.read())
     action = {"train": train, "plan": plan}[args.command]
     return child_main(lambda: action(payload), args.error_file, args.debug)

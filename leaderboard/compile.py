@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from leaderboard.costs import load_costs
 from leaderboard.markdown import render_markdown
 from leaderboard.plots import plot_groups
 from leaderboard.records import (
@@ -68,7 +69,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
     """
     records = load_records(results_dir, strict=strict)
     groups = prepare(records, current_hashes)
-    tables = {key: suite_table(group) for key, group in groups.items()}
+    costs = load_costs(results_dir)
+    tables = {key: suite_table(group, costs.get(group.name)) for key, group in groups.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, csv, js = out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.json"

@@ -34,16 +34,37 @@ LEGEND = (
     "Runs are averaged only under identical effective settings (method, defenses, their "
     "effective parameters, the suite's settings for them): rows of the same name show the "
     "parameters that differ, or #hash of the suite settings when only those differ. "
-    "*cost vs BASE*: mean training seconds per epoch relative to the suite's plain base row "
-    "(PGD-AT, the `AT` row, where the suite has one; otherwise the first of TRADES, FGSM-RS, "
-    "N-FGSM and standard training that it has) (process CPU seconds when every run of the "
-    "suite recorded them, as CPU runs do, so that other jobs on the machine do not distort "
-    "the ratio; wall seconds otherwise), any extra pretraining (a clean model a warm start "
-    "needs) included, its seconds spread over the run's epochs; *passes vs BASE*: forward + "
+    "COST_TEXT *passes vs BASE*: forward + "
     "backward passes relative to the base row, extra pretraining included. *extra "
     "pretraining*: what a row trained besides its own run, with its mean seconds (charged "
     "in full to every row that uses it)."
 )
+COST_FROM_RUNS = (
+    "*cost vs BASE*: the runs' own mean training seconds per epoch relative to the suite's "
+    "plain base row (PGD-AT, the `AT` row, where the suite has one; otherwise the first of "
+    "TRADES, FGSM-RS, N-FGSM and standard training that it has) (process CPU seconds where "
+    "every run recorded them, wall seconds otherwise), any extra pretraining (a clean model "
+    "a warm start needs) included, its seconds spread over the run's epochs. These depend on "
+    "what else the machine was running; `robench cost` measures ratios that do not."
+)
+COST_MEASURED = (
+    "*cost vs BASE*: measured by `robench cost` (CREATED, on DEVICE, THREADS thread(s), "
+    "median of ROUNDS rounds): each row's training seconds per epoch relative to the BASE "
+    "row, all rows timed side by side in one process, in turn, so that the machine's load "
+    "falls on all of them alike; any extra pretraining (a clean model a warm start needs) "
+    "included as its share per epoch; – = a row it did not time (run it again)."
+)
+
+
+def cost_legend(info: dict, base: str) -> str:
+    if info.get("source") != "robench cost":
+        return COST_FROM_RUNS
+    text = COST_MEASURED
+    for key in ("created", "device", "threads", "rounds"):
+        text = text.replace(key.upper(), str(info.get(key)))
+    return text
+
+
 CO_LEGEND = (
     "*CO*: catastrophic overfitting, seeds flagged / seeds checked and the earliest flagged "
     "epoch (– = none): validation PGD accuracy collapsed (below 5%, or more than 20 points "
@@ -214,7 +235,9 @@ def suite_markdown(table: pd.DataFrame) -> str:
     headers += ["extra pretraining"] if extra else []
     official = table[table["official"].astype(bool)]
     others = table[~table["official"].astype(bool)]
-    legend = (evaluation_legend(ev) + " " + LEGEND.replace("BASE", base)
+    legend = (evaluation_legend(ev) + " "
+              + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
+              .replace("BASE", base)
               + (" " + CO_LEGEND if co else ""))
     if len(official):
         out += [_table(official, headers, co, extra), ""]

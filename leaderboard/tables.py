@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from leaderboard.costs import cost_source, measured_ratios
 from leaderboard.grouping import (
     CURRENT,
     Bucket,
@@ -225,7 +226,8 @@ def bucket_rows(key: str, bucket: Bucket, expected: list[int], clock: str) -> li
                "marks": _marks(levels, bucket.official),
                "method": first["spec"]["method"], "defenses": "+".join(defense_names(first)),
                "params": params_text(first), "run_hash": first["suite"]["run_hash"],
-               "_ranked": bucket.official and trained and not levels & set(UNRANKED_LEVELS)}
+               "_ranked": bucket.official and trained and not levels & set(UNRANKED_LEVELS),
+               "_key": bucket.key}
         for col in VALUE_COLUMNS:
             # `_n` < `n_seeds` where a seed has no value (or lacks this extra model)
             row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = _stats(
@@ -319,8 +321,10 @@ def _evaluation_meta(key: str, records: list[dict], newest: dict) -> dict:
     return evaluation_info(newest)
 
 
-def suite_table(group: SuiteGroup) -> pd.DataFrame:
-    """Aggregate one suite version's (deduplicated) records into its leaderboard table."""
+def suite_table(group: SuiteGroup, cost: dict | None = None) -> pd.DataFrame:
+    """Aggregate one suite version's (deduplicated) records into its leaderboard table.
+    `cost`: the suite's `robench cost` document (leaderboard.costs); where it was measured
+    under this version, the cost column shows its ratios instead of the runs' seconds."""
     records, key = group.records, group.key
     clock = "cpu" if has_cpu_clock(records) else "wall"
     expected = group.seeds
@@ -344,11 +348,17 @@ def suite_table(group: SuiteGroup) -> pd.DataFrame:
     else:
         table["cost_vs_base"] = table["passes_vs_base"] = math.nan
         table["cost_base"] = ""
+    measured = measured_ratios(cost, group.hash)
+    if measured is not None:
+        table["cost_vs_base"] = [measured.get(k, math.nan) for k in table["_key"]]
+        table["cost_base"] = cost.get("base") or ""
     table["rank"] = table["rank"].astype("Int64")
     table = table[COLUMNS + (CO_COLUMNS if has_co_data(records) else [])].reset_index(drop=True)
     floats = table.select_dtypes("float").columns
     table[floats] = table[floats].round(DECIMALS)  # drop float noise such as 1e-17 stds
     table.attrs.update(_suite_meta(group))
+    table.attrs["cost"] = (cost_source(cost) if measured is not None
+                           else {"source": "runs", "clock": clock})
     return table
 
 
@@ -367,12 +377,14 @@ def _suite_meta(group: SuiteGroup) -> dict:
             "cards": dict(sorted(cards.items())), "n_records": len(records)}
 
 
-def compile_tables(records: list[dict],
-                   current_hashes: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
+def compile_tables(records: list[dict], current_hashes: dict[str, str] | None = None,
+                   costs: dict[str, dict] | None = None) -> dict[str, pd.DataFrame]:
     """One leaderboard table per suite key (see the module docstring), in key order.
 
     `current_hashes`: suite name -> protocol hash of the current suite file; None reads
     the installed suite files. Suite metadata (name, hash, status, description, seeds,
     evaluation, cards) sits in each table's `attrs`.
     """
-    return {key: suite_table(group) for key, group in prepare(records, current_hashes).items()}
+    costs = costs or {}
+    return {key: suite_table(group, costs.get(group.name))
+            for key, group in prepare(records, current_hashes).items()}
