@@ -26,10 +26,8 @@ from pathlib import Path
 from bench.config import load_suite
 from bench.progress import JobProgress
 from bench.runner import Launch, plan_in_child
-from bench.scheduler import Outcome, run_plan, threads_per_run
+from bench.scheduler import Outcome, available_cores, run_plan, threads_per_run
 from bench.worker import USER_ERRORS
-
-DEFAULT_WORKERS = 2  # measured on 2 cores: see docs/scale-out.md
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"runs at a time on this machine (default: {DEFAULT_WORKERS} on "
-                        "the CPU, 1 on a GPU)")
+                        help="runs at a time on this machine (default: one per CPU core, "
+                        "each with one thread, on the CPU; 1 on a GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (default: the cores divided by --workers)")
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
@@ -58,10 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_workers(device: str | None) -> int:
+    """On the CPU, one run per core with one thread each: on 2 cores as fast as one run
+    at a time with 2 threads (measured, docs/scale-out.md), and a run's numbers then do
+    not depend on how many cores the machine has. On a GPU, one run at a time."""
     import torch
 
     gpu = device.startswith("cuda") if device else torch.cuda.is_available()
-    return 1 if gpu else DEFAULT_WORKERS
+    return 1 if gpu else available_cores()
 
 
 def main(args: argparse.Namespace, prog: str = "robench board") -> int:
