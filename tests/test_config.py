@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from bench.config import RunSpec, Suite, list_suites, load_suite, parse_suite
+from bench.config import ConfigError, RunSpec, Suite, list_suites, load_suite, parse_suite
 from bench.engine import RunMismatchError
 from bench.runner import run_dir_for, run_one
 
@@ -106,6 +106,18 @@ def test_the_fgsm_curve_option_changes_no_existing_hash():
     assert parse_suite(FROZEN.format(fgsm="fgsm = true"), "f", "t").protocol_hash != FROZEN_HASH
 
 
+def test_resources_are_read_and_never_change_the_hash():
+    base = parse_suite(FROZEN.format(fgsm=""), "f", "t")
+    asked = parse_suite(FROZEN.format(fgsm="") + "\n[resources]\ncpus = 4\ngpus = \"1/4\"\n",
+                        "f", "t")
+    assert (asked.resources.cpus, asked.resources.gpus) == (4.0, 0.25)
+    assert (base.resources.cpus, base.resources.gpus) == (1.0, 1.0)
+    assert asked.protocol_hash == base.protocol_hash == FROZEN_HASH
+    assert Suite.from_dict(json.loads(json.dumps(asked.to_dict()))).resources == asked.resources
+    with pytest.raises(ConfigError, match=r"\[resources\]: cpus must be > 0"):
+        parse_suite(FROZEN.format(fgsm="") + "\n[resources]\ncpus = 0\n", "f", "t")
+
+
 @pytest.mark.parametrize("name", list_suites())
 def test_shipped_suite_hashes_are_the_hashes_without_the_optional_fields(name):
     """A suite with the option at its default hashes as it did before the field existed."""
@@ -117,6 +129,7 @@ def test_shipped_suite_hashes_are_the_hashes_without_the_optional_fields(name):
     protocol = {k: v for k, v in loaded.to_dict().items()
                 if k not in ("description", "defense_overrides", "source_hash", "methods")}
     del protocol["curves"]["fgsm"]
+    protocol.pop("resources")  # what a run asks of a Ray cluster: never hashed
     assert protocol["data"].pop("injected_feature") == 0.0  # at its default: not hashed
     assert protocol.pop("clean_model") == {"epochs": 0}  # at its default: not hashed
     if protocol["eval"]["square_queries"] == 1000:  # at its default: not hashed
