@@ -8,6 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 python scripts/run_full_evaluation.py --suite fmnist-quick "$@"
-echo
-echo "leaderboard: $ROOT/results/leaderboard/leaderboard.md"
-cat "$ROOT/results/leaderboard/leaderboard.md"
+BOARD="$ROOT/results/leaderboard/leaderboard.md"
+if [ -f "$BOARD" ]; then  # (with --results elsewhere, the script printed where it is)
+    echo
+    echo "leaderboard: $BOARD"
+    cat "$BOARD"
+fi
