@@ -199,9 +199,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
         print(f"record: {run_dir / 'record.json'}")
 
-    if args.error_file:  # started by the launcher: its protocol
+    if args.error_file:  # started by the launcher (which holds the run's lock): its protocol
+        from bench.lifeline import die_with_parent
+
+        die_with_parent()
         return child_main(evaluate, args.error_file, args.debug)
-    evaluate()
+    from bench.errors import RunBusyError
+    from bench.locks import FolderLock
+
+    if not (Path(args.run_dir) / "spec.json").exists():
+        raise RecordError(f"{args.run_dir} is not a run folder (no spec.json)")
+    lock = FolderLock(Path(args.run_dir), "robench evaluate")
+    if not lock.try_acquire():
+        raise RunBusyError(f"{args.run_dir} is being trained or evaluated by {lock.owner()}; "
+                           "evaluate it once that is done")
+    try:
+        evaluate()
+    finally:
+        lock.release()
     return 0
 
 

@@ -20,8 +20,9 @@ trained but unevaluated one is only evaluated, and a finished one (with a valid
 `record.json`) is skipped. A run folder is owned by one launcher at a time
 (`bench/locks.py`): the launcher holds its lock while the run's processes work, so two
 launchers (or Ray tasks) on one results folder never train the same run twice. The
-children die with the launcher that started them (Linux: the parent-death signal), so a
-killed launcher leaves no orphan writing into a folder whose lock has gone stale.
+children die with the launcher that started them (Linux: the parent-death signal, see
+`bench/lifeline.py`), so a killed launcher leaves no orphan writing into a folder whose lock
+has gone stale.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from bench.config import RunSpec, Suite, check_method, load_suite
 from bench.errors import RunBusyError, RunFailedError, RunMismatchError
+from bench.lifeline import PARENT_ENV
 from bench.locks import FolderLock
 from bench.records import RecordError, read_record
 
@@ -118,20 +120,10 @@ def child_environment(threads: int | None = None) -> dict[str, str]:
     to that many threads too (torch's own count is set by the child)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env[PARENT_ENV] = str(os.getpid())  # the child dies with this process (bench/lifeline.py)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM when the launcher that started it dies."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _pump(stream, sink: OutputSink) -> None:
@@ -168,8 +160,7 @@ def run_child(args: list[str], payload: dict, what: str, launch: Launch,
             command, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if stream else None,
-            env=child_environment(launch.threads), cwd=os.getcwd(),
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            env=child_environment(launch.threads), cwd=os.getcwd())
         if stream:
             proc.stdin.write(json.dumps(payload).encode())
             proc.stdin.close()

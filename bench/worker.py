@@ -32,6 +32,7 @@ from bench.errors import (
     RunFailedError,
     RunMismatchError,
 )
+from bench.lifeline import die_with_parent
 from bench.records import RecordError
 
 # errors with a message written for the user: one line, no traceback, exit status 2
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--error-file", default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    die_with_parent()
     if args.command == "cost":  # the payload is the first line; commands follow
         from bench.cost_probe import serve
 

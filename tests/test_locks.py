@@ -107,3 +107,20 @@ def test_exactly_one_of_many_contenders_wins_a_stale_lock(tmp_path):
     for proc in procs:
         proc.join()
     assert sum(wins) == 1
+
+
+def test_robench_evaluate_refuses_a_folder_another_process_works_on(tmp_path, capsys):
+    from bench.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text("{}")
+    holder = FolderLock(run_dir, "a launcher", heartbeat=60)
+    assert holder.try_acquire()
+    try:
+        assert main(["evaluate", str(run_dir)]) == 2
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"robench: error: {run_dir} is being trained or evaluated by pid "
+                          f"{os.getpid()} on {socket.gethostname()} (a launcher)")
