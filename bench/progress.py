@@ -54,6 +54,7 @@ class JobProgress:
         self.running: dict[str, tuple[RunSpec, float]] = {}  # label -> (spec, start)
         self.status: dict[str, str] = {}  # label -> latest bar state
         self.durations: dict[str, list[float]] = {}  # row -> seconds of runs that ran
+        self.aside: set[str] = set()  # runs found busy (held by another process)
         self.start = time.monotonic()
         self._drawn = 0  # lines of the tty block now on screen
         self._last_report = 0.0
@@ -101,11 +102,14 @@ class JobProgress:
                 self._redraw()
 
     def set_aside(self, spec: RunSpec) -> None:
+        """Another process holds the run's folder; said once per run, not at every look."""
         with self.lock:
             label = run_label(spec)
             self.running.pop(label, None)
-            if self.mode != "quiet":
-                self._print(f"[{label}] another launcher is running it; coming back to it later")
+            if self.mode != "quiet" and label not in self.aside:
+                self._print(f"[{label}] another process is running it; coming back to it "
+                            "later")
+            self.aside.add(label)
 
     def finished(self, outcome) -> None:
         with self.lock:

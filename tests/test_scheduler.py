@@ -157,5 +157,16 @@ def test_tty_mode_redraws_the_block_in_place():
     assert text.rstrip().endswith("50/100 [00:10<00:10]")  # the block is redrawn below
 
 
+def test_a_busy_run_is_announced_once_however_often_it_is_looked_at():
+    specs = _specs(1)
+    stream = io.StringIO()
+    job = JobProgress(specs, workers=1, mode="lines", stream=stream)
+    for _ in range(3):
+        job.started(specs[0])
+        job.set_aside(specs[0])
+    assert stream.getvalue().count("another process is running it") == 1
+    assert job.running == {}
+
+
 def test_clock_format():
     assert clock(65) == "1:05" and clock(3725) == "1:02:05" and clock(-3) == "0:00"
