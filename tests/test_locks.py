@@ -92,14 +92,14 @@ def _contend(folder: str, start: float, queue) -> None:
     while time.time() < start:
         pass
     queue.put(lock.try_acquire())
-    time.sleep(1.0)  # hold it while the others try
+    time.sleep(5.0)  # hold it (alive) until every contender has tried
 
 
 def test_exactly_one_of_many_contenders_wins_a_stale_lock(tmp_path):
     _write_lock(tmp_path, socket.gethostname(), _dead_pid())
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    start = time.time() + 1.5
+    start = time.time() + 3.0  # all spawned by then, then all try at once
     procs = [ctx.Process(target=_contend, args=(str(tmp_path), start, queue)) for _ in range(6)]
     for proc in procs:
         proc.start()
