@@ -57,6 +57,7 @@ class JobProgress:
         self.aside: set[str] = set()  # runs found busy (held by another process)
         self.start = time.monotonic()
         self._drawn = 0  # lines of the tty block now on screen
+        self.closed = False  # end() was called
         self._last_report = 0.0
 
     @staticmethod
@@ -150,6 +151,7 @@ class JobProgress:
         with self.lock:
             if self.mode == "tty":
                 self._erase()
+                self.closed = True  # the block is not drawn again
             if self.mode != "quiet":
                 self._print(self.overall())
 
@@ -190,10 +192,11 @@ class JobProgress:
 
     # ---- output -------------------------------------------------------------------------
     def _print(self, text: str) -> None:
-        if self.mode == "tty":
+        live = self.mode == "tty" and not self.closed
+        if live:
             self._erase()
         print(text, file=self.stream, flush=True)
-        if self.mode == "tty":
+        if live:
             self._draw()
 
     def _block(self) -> list[str]:
@@ -217,5 +220,7 @@ class JobProgress:
         self._drawn = len(lines)
 
     def _redraw(self) -> None:
+        if self.closed:
+            return
         self._erase()
         self._draw()

@@ -155,6 +155,13 @@ def test_tty_mode_redraws_the_block_in_place():
     assert "\x1b[2F\x1b[J" in text  # the two-line block (overall + the run) was erased
     assert "[AT s0] a line of the run\n" in text
     assert text.rstrip().endswith("50/100 [00:10<00:10]")  # the block is redrawn below
+    job.finished(_outcome(specs[0], seconds=20))
+    job.end()
+    job.tick()  # a late tick draws nothing
+    tail = stream.getvalue()[len(text):]
+    assert tail.count("runs [") == 2  # the redrawn block after the finished line, the last
+    last = tail.rsplit("\x1b[J", 1)[-1]  # what was printed after the block's last erase
+    assert last.startswith("runs [") and "1/1 (0 running" in last and last.count("\n") == 1
 
 
 def test_a_busy_run_is_announced_once_however_often_it_is_looked_at():
