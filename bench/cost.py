@@ -1,7 +1,7 @@
 """`robench cost --suite S`: training cost ratios that do not depend on the machine's load.
 
 A run's own seconds depend on what else the machine was doing: on 2 cores, a second job
-made an AT+AWP run take 16 minutes instead of 1.5, and with more runnable threads than
+made a defense's run take 16 minutes instead of 1.5, and with more runnable threads than
 cores OpenMP threads spin, so even process CPU seconds grow with the load. Ratios measured
 side by side do not: this command times every row of the suite (the same plan as
 `robench board`, seed 0) in ONE process (`bench/cost_probe.py`), one block of training

@@ -2,14 +2,8 @@
 their baselines), run them (one after another, N at a time, or as Ray tasks), then compile
 the leaderboard. `robench board` and `scripts/run_full_evaluation.py` are this module.
 
-Each entry of --defenses is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g. `trades+awp`).
-The plain methods of --methods (default: the suite's `methods`, e.g. `at`) are always run
-as baselines. A defense without a method prefix runs with each of those methods it
-composes with; one that composes with none of them runs with its own first method of the
-same kind (multi-step or single-step) as the suite's methods, e.g. CURE (TRADES only) as
-`trades+cure` on an AT suite, and is skipped with a note when there is none (LAP,
-single-step only, on a multi-step suite). Every method a row uses also gets its plain row,
-so every row has its reference.
+Each entry of --defenses is `NAME[:k=v,...]` or `METHOD+NAME+...` (e.g. `trades+NAME`);
+how entries become rows with their baselines: `bench/planning.py`.
 
 The launcher never imports defense code: planning, each run's training and each run's
 evaluation happen in processes of their own (`bench/runner.py`). A run that fails is

@@ -5,7 +5,7 @@ Three modes:
 
 - `tty` (an interactive terminal): the block (overall bar, then each running run's latest
   progress-bar state) is redrawn in place; other lines of the runs scroll above it,
-  prefixed by the run (`[AT+AWP s1] ...`).
+  prefixed by the run (`[ROW sSEED] ...`).
 - `lines` (a log file, CI): the runs' lines are printed as they come, prefixed by the run;
   progress-bar updates are not, but every `every` seconds the overall line and each
   running run's latest state are printed.
