@@ -159,6 +159,7 @@ def cmd_board(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     from bench.cost import cost_table, measure_cost, write_cost
     from bench.curves import pick_device
+    from bench.full_run import comma_list
     from bench.runner import Launch
 
     if args.rounds < 1 or (args.steps is not None and args.steps < 1):
@@ -167,8 +168,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     launch = Launch(Path(args.results), args.data_root, args.device, False, threads,
                     args.debug)
     document = measure_cost(
-        args.suite, None if args.defenses is None else [d for d in args.defenses.split(",") if d],
-        None if args.methods is None else [m for m in args.methods.split(",") if m],
+        args.suite, comma_list(args.defenses), comma_list(args.methods),
         launch, args.steps, args.rounds, say=(lambda text: None) if args.quiet else print)
     print(cost_table(document))
     print(f"written: {write_cost(document, Path(args.results))}")

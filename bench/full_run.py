@@ -24,6 +24,11 @@ from bench.scheduler import Outcome, available_cores, run_plan, threads_per_run
 from bench.worker import USER_ERRORS
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """`a,b,,c` -> ['a', 'b', 'c']; None (the option not given) stays None."""
+    return None if text is None else [item for item in text.split(",") if item]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="fmnist-quick")
     parser.add_argument("--defenses", default=None,
@@ -71,9 +76,8 @@ def main(args: argparse.Namespace, prog: str = "robench board") -> int:
         suite = load_suite(args.suite)
         specs = plan_in_child(
             args.suite,
-            None if args.defenses is None else [d for d in args.defenses.split(",") if d],
-            None if args.methods is None else [m for m in args.methods.split(",") if m],
-            None if args.seeds is None else [int(s) for s in args.seeds.split(",")],
+            comma_list(args.defenses), comma_list(args.methods),
+            None if args.seeds is None else [int(s) for s in comma_list(args.seeds)],
             planning)
     except (*USER_ERRORS, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
