@@ -37,10 +37,10 @@ from bench.config import RunSpec, Suite, load_suite
 from bench.errors import RunFailedError
 from bench.records import write_json_atomic
 from bench.runner import Launch, child_environment, plan_in_child
+from leaderboard.tables import BASE_METHODS  # the same base row as the leaderboard's column
 
 COST_FILE = "cost.json"
 FORMAT = 1
-BASE_METHODS = ("at", "trades", "fgsm_rs", "n_fgsm", "standard")  # as the leaderboard's
 
 
 def cost_path(results: Path, suite_name: str) -> Path:
