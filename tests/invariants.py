@@ -75,14 +75,43 @@ def history_without_timing(run_dir: Path) -> list[dict]:
             for r in read_history(run_dir / "history.jsonl")]
 
 
+PASS_KEYS = ("forward_passes", "backward_passes")  # cost, not training: may differ
+
+
+def assert_same_training(plain_dir: Path, other_dir: Path) -> None:
+    """`other_dir` trained exactly as `plain_dir` did, bit for bit: the last and best
+    models, the optimizer state (momentum buffers), every random stream the engine owns
+    (data order, second stream, attack, torch's global generator), the step count and the
+    per-epoch history (losses, accuracies, curves; a defense's own logged keys and the pass
+    counters may be extra)."""
+    a, b = load_checkpoint(plain_dir / "last.pt"), load_checkpoint(other_dir / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(model_state(plain_dir, "best.pt"), model_state(other_dir, "best.pt"))
+    assert a["best"] == b["best"]
+    assert_equal_nested(a["optimizer"], b["optimizer"], "optimizer")
+    assert_equal_nested(a["rng"], b["rng"], "rng")
+    rows_a, rows_b = history_without_timing(plain_dir), history_without_timing(other_dir)
+    assert len(rows_a) == len(rows_b)
+    for row_a, row_b in zip(rows_a, rows_b):
+        for key, value in row_a.items():
+            if key not in PASS_KEYS:
+                assert row_b.get(key) == value, (row_a["epoch"], key, value, row_b.get(key))
+
+
 def check_zero_strength_is_plain(tmp: Path, suite, splits, method: str,
-                                 zero: DefenseSpec, real: DefenseSpec) -> None:
-    """`zero` reproduces the plain method bit for bit; `real` changes it (so the check can fail)."""
-    plain = train(tmp / "plain", suite, splits, method=method)
+                                 zero: DefenseSpec, real: DefenseSpec | None,
+                                 plain_dir: Path | None = None) -> None:
+    """`zero` trains as the plain method does, bit for bit (`assert_same_training`);
+    `real` changes the weights (so the check can fail). `plain_dir` reuses a finished plain
+    run of the same suite, method and seed."""
+    if plain_dir is None:
+        plain_dir = train(tmp / "plain", suite, splits, method=method).run_dir
     with_zero = train(tmp / "zero", suite, splits, method=method, defenses=[zero])
-    assert_same_state(model_state(plain.run_dir), model_state(with_zero.run_dir))
-    with_real = train(tmp / "real", suite, splits, method=method, defenses=[real])
-    assert states_differ(model_state(plain.run_dir), model_state(with_real.run_dir))
+    assert_same_training(plain_dir, with_zero.run_dir)
+    if real is not None:
+        with_real = train(tmp / "real", suite, splits, method=method, defenses=[real])
+        assert states_differ(model_state(plain_dir), model_state(with_real.run_dir))
 
 
 def check_resume_equals_uninterrupted(tmp: Path, suite, splits, method: str,
