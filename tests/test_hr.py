@@ -15,7 +15,6 @@ from invariants import (
     PROBE_CARD,
     check_resume_equals_uninterrupted,
     check_weights_clean_outside_update,
-    check_zero_strength_is_plain,
     train,
 )
 from scipy.optimize import brentq
@@ -333,10 +332,7 @@ def test_engine_update_uses_the_solvers_weights_on_each_batch(tmp_path, smoke_su
 REAL = DefenseSpec("hr", (("alpha", 0.05), ("r", 0.2)))
 
 
-def test_zero_strength_is_plain_at_bit_for_bit(tmp_path, smoke_suite, smoke_splits):
-    check_zero_strength_is_plain(
-        tmp_path, smoke_suite, smoke_splits, "at",
-        zero=DefenseSpec("hr", (("alpha", 0.0), ("r", 0.0))), real=REAL)
+# zero strength (alpha = r = 0) is plain AT bit for bit: tests/test_zero_strength.py
 
 
 def test_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits):
