@@ -1,5 +1,7 @@
 """FOMO: Forget to Mitigate Overfitting (Ramkumar, Zonooz & Arani, "The Effectiveness of
-Random Forgetting for Robust Generalization", ICLR 2024).
+Random Forgetting for Robust Generalization", ICLR 2024). The algorithm, every
+reconstruction choice, the open questions and the published protocol:
+docs/defenses/fomo.md.
 
 Periodically forget part of what the network learned and relearn it, while a slowly
 moving stable model consolidates knowledge:
@@ -110,7 +112,9 @@ class FOMO(Defense):
         venue="ICLR 2024",
         link="https://arxiv.org/abs/2402.11733",
         reference_code=("none: the official repository (github.com/NeurAI-Lab/FOMO) holds "
-                        "only a README and a figure"),
+                        "only a README and a figure; the README's training command names "
+                        "scripts absent from it, of another method (selective forgetting "
+                        "with SNIP), and was not used"),
         hyperparameters={
             "published training setup": {
                 "epochs": 200, "optimizer": "SGD momentum 0.9, weight decay 5e-4, lr 0.1",
@@ -133,7 +137,9 @@ class FOMO(Defense):
                "Evaluated twice: the working model (the row) and the EMA stable model "
                "('fomo.stable'). Overhead: one forward of the stable model per batch while "
                "the consistency term is on, one EMA update per step, and a re-draw of the "
-               "eligible kernels at each forgetting event."),
+               "eligible kernels at each forgetting event. The published numbers come from "
+               "a secondary source and do not say which model (working or stable) they are "
+               "for. See docs/defenses/fomo.md."),
     )
     params = {"rho": 0.1, "period": None, "until": None, "eligible_fraction": 0.5,
               "skip_shortcuts": True, "per_layer": True, "init": "default",

@@ -75,14 +75,43 @@ def history_without_timing(run_dir: Path) -> list[dict]:
             for r in read_history(run_dir / "history.jsonl")]
 
 
+PASS_KEYS = ("forward_passes", "backward_passes")  # cost, not training: may differ
+
+
+def assert_same_training(plain_dir: Path, other_dir: Path) -> None:
+    """`other_dir` trained exactly as `plain_dir` did, bit for bit: the last and best
+    models, the optimizer state (momentum buffers), every random stream the engine owns
+    (data order, second stream, attack, torch's global generator), the step count and the
+    per-epoch history (losses, accuracies, curves; a defense's own logged keys and the pass
+    counters may be extra)."""
+    a, b = load_checkpoint(plain_dir / "last.pt"), load_checkpoint(other_dir / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(model_state(plain_dir, "best.pt"), model_state(other_dir, "best.pt"))
+    assert a["best"] == b["best"]
+    assert_equal_nested(a["optimizer"], b["optimizer"], "optimizer")
+    assert_equal_nested(a["rng"], b["rng"], "rng")
+    rows_a, rows_b = history_without_timing(plain_dir), history_without_timing(other_dir)
+    assert len(rows_a) == len(rows_b)
+    for row_a, row_b in zip(rows_a, rows_b):
+        for key, value in row_a.items():
+            if key not in PASS_KEYS:
+                assert row_b.get(key) == value, (row_a["epoch"], key, value, row_b.get(key))
+
+
 def check_zero_strength_is_plain(tmp: Path, suite, splits, method: str,
-                                 zero: DefenseSpec, real: DefenseSpec) -> None:
-    """`zero` reproduces the plain method bit for bit; `real` changes it (so the check can fail)."""
-    plain = train(tmp / "plain", suite, splits, method=method)
+                                 zero: DefenseSpec, real: DefenseSpec | None,
+                                 plain_dir: Path | None = None) -> None:
+    """`zero` trains as the plain method does, bit for bit (`assert_same_training`);
+    `real` changes the weights (so the check can fail). `plain_dir` reuses a finished plain
+    run of the same suite, method and seed."""
+    if plain_dir is None:
+        plain_dir = train(tmp / "plain", suite, splits, method=method).run_dir
     with_zero = train(tmp / "zero", suite, splits, method=method, defenses=[zero])
-    assert_same_state(model_state(plain.run_dir), model_state(with_zero.run_dir))
-    with_real = train(tmp / "real", suite, splits, method=method, defenses=[real])
-    assert states_differ(model_state(plain.run_dir), model_state(with_real.run_dir))
+    assert_same_training(plain_dir, with_zero.run_dir)
+    if real is not None:
+        with_real = train(tmp / "real", suite, splits, method=method, defenses=[real])
+        assert states_differ(model_state(plain_dir), model_state(with_real.run_dir))
 
 
 def check_resume_equals_uninterrupted(tmp: Path, suite, splits, method: str,
@@ -100,41 +129,72 @@ def check_resume_equals_uninterrupted(tmp: Path, suite, splits, method: str,
     assert history_without_timing(full.run_dir) == history_without_timing(resumed.run_dir)
 
 
+def _kernels(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in kernel_parameters(model)}
+
+
 class CleanWeightsProbe(Defense):
-    """Records the kernels before the update, inside `around_update` (when nested inside
-    the defense under test) and after the step."""
+    """Nested inside the defense under test: records the model after the attack (clean),
+    on entering `around_update` (after the defense's perturbation), right after the
+    optimizer step (still inside) and after the step (the defense's restore done)."""
 
     name = "probe"
     card = PROBE_CARD
 
     def __init__(self) -> None:
         super().__init__()
-        self.inside_differs: list[bool] = []
-        self.after_step_weights: list[torch.Tensor] = []
-        self.before: list[torch.Tensor] = []
+        self.kernels_differ: list[bool] = []  # a conv/linear kernel changed
+        self.anything_differs: list[bool] = []  # any parameter or buffer changed
+        self.added: list[dict[str, torch.Tensor]] = []  # inside - clean, per kernel
+        self.removed: list[dict[str, torch.Tensor]] = []  # stepped inside - after the step
+        self.after_step_weights: dict[str, torch.Tensor] = {}
+        self.before: dict[str, torch.Tensor] = {}
+        self._stepped: dict[str, torch.Tensor] = {}
 
     def after_attack(self, state) -> None:
-        self.before = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+        self.before = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
 
     @contextlib.contextmanager
     def around_update(self, state):
-        now = [p.detach() for _, p in kernel_parameters(state.model)]
-        self.inside_differs.append(any(not torch.equal(a, b) for a, b in zip(self.before, now)))
+        now = state.model.state_dict()
+        inside = _kernels(state.model)
+        changed = {k for k, v in now.items() if not torch.equal(self.before[k], v)}
+        self.kernels_differ.append(bool(changed & inside.keys()))
+        self.anything_differs.append(bool(changed))
+        self.added.append({k: v - self.before[k] for k, v in inside.items()})
         yield
+        self._stepped = _kernels(state.model)  # the optimizer has stepped, still inside
 
     def after_step(self, state) -> None:
-        self.after_step_weights = [p.detach().clone() for _, p in kernel_parameters(state.model)]
+        self.after_step_weights = {k: v.detach().clone()
+                                   for k, v in state.model.state_dict().items()}
+        self.removed.append({k: v - self.after_step_weights[k]
+                             for k, v in self._stepped.items()})
 
 
 def check_weights_clean_outside_update(tmp: Path, suite, splits, defense: Defense,
                                        method: str = "at", perturbs: bool = True) -> None:
-    """The checkpoint equals the weights after the step (no perturbation left behind);
-    with `perturbs`, the weights inside `around_update` differ from the clean ones."""
+    """Inside `around_update` the kernels differ from the clean ones at every step when the
+    defense `perturbs` the weights, and nothing (parameter or buffer) differs when it does
+    not; after the optimizer step the defense takes off exactly what it put on (nothing,
+    bit for bit, when it does not perturb; the same shift up to rounding when it does), so
+    no perturbation is left behind; the checkpoint holds the weights after the last step."""
     probe = CleanWeightsProbe()
     trainer = train(tmp, suite, splits, method=method, instances=[defense, probe])
+    steps = load_checkpoint(trainer.run_dir / "last.pt")["step"]
+    assert steps > 0 and len(probe.kernels_differ) == len(probe.removed) == steps
     if perturbs:
-        assert probe.inside_differs and all(probe.inside_differs)
+        assert all(probe.kernels_differ)
+    else:
+        assert not any(probe.anything_differs)
+    for step, (added, removed) in enumerate(zip(probe.added, probe.removed)):
+        for name, shift in added.items():
+            if perturbs:
+                torch.testing.assert_close(removed[name], shift, rtol=0, atol=1e-6,
+                                           msg=f"step {step}: {name}")
+            else:
+                assert not removed[name].any(), f"step {step}: {name}"
     saved = model_state(trainer.run_dir)
-    names = [n for n, _ in kernel_parameters(trainer.model)]
-    for name, weight in zip(names, probe.after_step_weights, strict=True):
+    assert saved.keys() == probe.after_step_weights.keys()
+    for name, weight in probe.after_step_weights.items():
         assert torch.equal(saved[name], weight), name

@@ -16,7 +16,6 @@ from invariants import (
     assert_same_state,
     check_resume_equals_uninterrupted,
     check_weights_clean_outside_update,
-    check_zero_strength_is_plain,
     model_state,
     states_differ,
     train,
@@ -284,11 +283,7 @@ def test_resolved_period_and_until_are_recorded(tmp_path, smoke_suite, smoke_spl
 # --------------------------------------------------------------------------- invariants
 
 
-def test_zero_strength_is_plain_at_bit_for_bit(tmp_path, smoke_suite, smoke_splits):
-    check_zero_strength_is_plain(tmp_path, smoke_suite, smoke_splits, "at",
-                                 zero=spec(**STRONG | {"rho": 0.0}, lam=0.0,
-                                           consistency_phase="always"),
-                                 real=spec(**STRONG))
+# zero strength (rho = lam = 0) is plain AT bit for bit: tests/test_zero_strength.py
 
 
 def test_weights_clean_outside_around_update(tmp_path, smoke_suite, smoke_splits):

@@ -12,13 +12,15 @@ import pytest
 import torch
 from conftest import with_train
 from invariants import (
+    PROBE_CARD,
     check_resume_equals_uninterrupted,
     check_weights_clean_outside_update,
-    check_zero_strength_is_plain,
+    train,
 )
+from scipy.optimize import brentq
 
 from bench.config import ConfigError, DefenseSpec
-from defenses.base import list_defenses
+from defenses.base import Defense, list_defenses
 from defenses.hr import HR, hr_objective, worst_case_weights
 from defenses.registry import build_defenses
 
@@ -240,14 +242,97 @@ def test_hook_weights_the_detached_per_sample_loss():
     torch.testing.assert_close(losses.grad, weights / 32)
 
 
+# ---- the weights the engine multiplies into the loss -------------------------------------
+def reference_weights(losses: np.ndarray, alpha: float, r: float) -> np.ndarray:
+    """The HD problem solved independently of defenses/hr.py, engine scale (mean 1).
+
+    Poisoning, by a plain loop: mass alpha comes off the lowest losses (at most 1/N each)
+    and goes on an extra atom at l_max. Statistical error (r > 0), by the KKT conditions of
+    max_p E_p l s.t. KL(q || p) <= r: p_j = q_j / (eta - l_j) / Z with eta > l_max the root of
+    KL(q || p(eta)) = r, found by Brent's method on u = log(eta - l_max)."""
+    n = len(losses)
+    order = np.argsort(losses, kind="stable")
+    q = np.full(n + 1, 1 / n)
+    q[n], left = alpha, alpha
+    for i in order:
+        take = min(left, 1 / n)
+        q[i] -= take
+        left -= take
+    atoms = np.append(losses, losses.max())
+    p = q
+    if r > 0:
+        keep = q > 0
+
+        def kl_minus_r(u: float) -> float:
+            gap = atoms[keep] - atoms.max()
+            gap = np.exp(u) - gap  # eta - l_j > 0
+            return float(np.sum(q[keep] * np.log(gap)) + np.log(np.sum(q[keep] / gap)) - r)
+
+        spread = max(float(atoms.max() - atoms[keep].min()), 1e-12)
+        u = brentq(kl_minus_r, np.log(spread) - 60, np.log(spread) + 60, xtol=1e-14,
+                   rtol=1e-14, maxiter=500)
+        p = np.where(keep, q / (np.exp(u) + atoms.max() - atoms), 0.0)
+        p = p / p.sum()
+    w = p[:n].copy()
+    w[order[-1]] += p[n]
+    return n * w
+
+
+def test_reference_weights_match_cvxpy():
+    """The test's own reference is right: the trimmed loss at r = 0, and the cvxpy model of
+    the problem otherwise."""
+    rng = np.random.default_rng(5)
+    for n, alpha in [(8, 0.3), (64, 0.05)]:  # r = 0: the trimmed mean plus alpha * l_max
+        losses = random_batch(rng, n)
+        assert np.isclose(np.mean(losses * reference_weights(losses, alpha, 0.0)),
+                          trimmed_plus_max(losses, alpha), rtol=1e-12, atol=0)
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("clarabel")
+    for n, alpha, r in [(16, 0.05, 0.2), (64, 0.05, 0.2), (32, 0.0, 0.5), (32, 0.2, 0.05)]:
+        losses = random_batch(rng, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w_ref, _ = cvxpy_weights(losses, alpha, r)
+        np.testing.assert_allclose(reference_weights(losses, alpha, r) / n, w_ref, atol=1e-5)
+
+
+class LossWeightProbe(Defense):
+    """Records each batch's per-sample loss and, through a gradient hook on it, the weight
+    the engine's loss actually put on each example: d loss / d l_i = weight_i / N."""
+
+    name = "probe"
+    card = PROBE_CARD
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[torch.Tensor] = []
+        self.used: list[torch.Tensor] = []
+
+    def add_losses(self, state) -> None:
+        losses = state.per_sample_loss
+        self.losses.append(losses.detach().clone())
+        losses.register_hook(lambda g: self.used.append(g.detach() * g.numel()))
+
+
+@pytest.mark.parametrize(("alpha", "r"), [(0.05, 0.2), (0.0, 0.5), (0.15, 0.0)])
+def test_engine_update_uses_the_solvers_weights_on_each_batch(tmp_path, smoke_suite,
+                                                             smoke_splits, alpha, r):
+    probe = LossWeightProbe()
+    train(tmp_path, smoke_suite, smoke_splits, instances=[HR(alpha=alpha, r=r), probe])
+    steps = smoke_suite.train.epochs * math.ceil(smoke_suite.data.train_size
+                                                 / smoke_suite.train.batch_size)
+    assert len(probe.losses) == len(probe.used) == steps
+    for losses, used in zip(probe.losses, probe.used):
+        expected = reference_weights(losses.double().numpy(), alpha, r)
+        assert not np.allclose(expected, 1.0)  # the weights are not uniform
+        np.testing.assert_allclose(used.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 # ---- (c) the shared invariants on the smoke suite ----------------------------------------
 REAL = DefenseSpec("hr", (("alpha", 0.05), ("r", 0.2)))
 
 
-def test_zero_strength_is_plain_at_bit_for_bit(tmp_path, smoke_suite, smoke_splits):
-    check_zero_strength_is_plain(
-        tmp_path, smoke_suite, smoke_splits, "at",
-        zero=DefenseSpec("hr", (("alpha", 0.0), ("r", 0.0))), real=REAL)
+# zero strength (alpha = r = 0) is plain AT bit for bit: tests/test_zero_strength.py
 
 
 def test_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits):
