@@ -36,6 +36,7 @@ import torch
 
 from bench.config import ConfigError
 from bench.state import TrainState
+from defenses._swa import SWA, check_settings
 from defenses.augment_ops import (
     apply_ops,
     crop_shift,
@@ -162,20 +163,30 @@ class IDBH(Defense):
                "recipe, as batched ops on the device; the suite's attack and threat model "
                "are kept. Extra cost: the augmentation only (no extra passes)."),
     )
-    params = {"variant": "strong", "max_shift": 10}
+    params = {"variant": "strong", "max_shift": 10, "swa": False, "swa_start": 0.0,
+              "swa_decay": 0.001, "swa_every": 1}
     methods = ("at",)
     slots = ("augmentation",)
     capabilities = ("raw_batch",)
+    extra_models = ("swa",)
 
-    def __init__(self, variant: str = "strong", max_shift: int = 10) -> None:
-        super().__init__(variant=variant, max_shift=max_shift)
+    def __init__(self, variant: str = "strong", max_shift: int = 10, swa: bool = False,
+                 swa_start: float = 0.0, swa_decay: float | str = 0.001,
+                 swa_every: int = 1) -> None:
+        super().__init__(variant=variant, max_shift=max_shift, swa=swa, swa_start=swa_start,
+                         swa_decay=swa_decay, swa_every=swa_every)
         if variant not in VARIANTS:
             raise ConfigError(f"idbh: variant must be one of {list(VARIANTS)}, got {variant!r}")
         if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
             raise ConfigError(f"idbh: max_shift must be an integer >= 0, got {max_shift!r}")
+        if not isinstance(swa, bool):
+            raise ConfigError(f"idbh: swa must be true or false, got {swa!r}")
+        start, decay, every = check_settings("idbh", swa_start, swa_decay, swa_every, "swa_")
         self.variant = variant
         self.erase_p = VARIANTS[variant]
         self.max_shift = max_shift
+        # the weight average (the published WRN-34-10 recipe), scored as the sub-row idbh.swa
+        self.averaging = SWA("idbh", start, decay, every) if swa else None
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The recipe on float images in [0, 1], from the defense's own random stream."""
@@ -186,3 +197,32 @@ class IDBH(Defense):
     def before_attack(self, state: TrainState) -> None:
         assert state.raw_x is not None, "the engine did not provide the raw batch"
         state.x = self.augment(state.raw_x)
+
+    # ---- SWA (off unless `swa = true`) -----------------------------------------
+    def bind_random_stream(self, run_seed: int, device: torch.device) -> None:
+        super().bind_random_stream(run_seed, device)
+        if self.averaging is not None:  # its own stream: the training draws never shift
+            self.averaging.bind_random_stream(f"{run_seed}:{self.name}", device)
+
+    def setup(self, state: TrainState) -> None:
+        if self.averaging is not None:
+            self.averaging.build(state)
+
+    def after_step(self, state: TrainState) -> None:
+        if self.averaging is not None:
+            self.averaging.after_step(state)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if self.averaging is not None:
+            self.averaging.on_epoch_end(state, lambda: self.bn_batch(state))
+
+    def bn_batch(self, state: TrainState) -> torch.Tensor:
+        """A training batch as IDBH trains on it (the reference re-estimates the average's
+        BatchNorm statistics on its IDBH-augmented training loader), drawn from the
+        engine's second stream and augmented from the SWA's own generator."""
+        assert self.averaging is not None and self.averaging.generator is not None
+        raw, _, _ = state.draw_batch(augment=False)
+        return idbh_augment(raw, self.averaging.generator, self.erase_p, self.max_shift)
+
+    def eval_models(self, state: TrainState) -> dict[str, torch.nn.Module]:
+        return {} if self.averaging is None else self.averaging.models("swa")
