@@ -181,7 +181,8 @@ class DomRE(_DOM):
                "32.90 (last) with PGD-AT, 47.09 vs 17.10 with RS-FGSM. A PGD/AutoAttack gap "
                "of 10 to 30 points is a gradient-masking signature; trust its AutoAttack "
                "numbers, not its PGD ones. Overhead: one extra forward per batch after the "
-               "warm-up."),
+               "warm-up (the reference computes the natural loss, and updates BatchNorm "
+               "with it, from the first batch). See docs/defenses/dom.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "update_bn": True}
 
