@@ -31,10 +31,11 @@ Engine-specific choices:
 - `dom_da` skips the forward of the last round: every image still flagged then takes
   aug(x) whatever its loss (the reference computes that loss; only its BatchNorm
   statistics would differ).
-- Randomness: `per_image = true` (default) calls the torchvision transform once per
-  flagged image, so each image draws its own operations; `false` calls it once per
-  round on the whole flagged sub-batch, as the reference does (one draw of operations
-  and magnitudes shared by the sub-batch; AugMix still draws per-image mixing weights).
+- Randomness: `per_image = false` (default) calls the torchvision transform once per
+  round on the sub-batch still flagged, as the reference does (one draw of operations
+  and magnitudes shared by the sub-batch; AugMix still draws per-image mixing weights);
+  `true` calls it once per flagged image, so each image draws its own operations (a
+  Python loop over images: slow on a GPU).
   The only random draws are torchvision's, which use torch's global CPU generator
   (operation indices, magnitudes, signs, AugMix depths) and, for AugMix's Dirichlet
   mixing weights, the default generator of the images' device. Both are seeded from a
@@ -47,6 +48,8 @@ Engine-specific choices:
   used by both operations (CIFAR-10 / CIFAR-100): natural 0.2 / 0.45, PGD-AT 1.5 / 4.0,
   RS-FGSM 2.0 / 4.6; the defaults are the CIFAR-10 values. A suite sets its own
   (`[defenses.dom_re] tau = ...`), since tau depends on the loss scale of the suite.
+
+The project's documentation: docs/defenses/dom.md (DOM-RE) and docs/defenses/dom_da.md.
 """
 
 from __future__ import annotations
@@ -178,7 +181,8 @@ class DomRE(_DOM):
                "32.90 (last) with PGD-AT, 47.09 vs 17.10 with RS-FGSM. A PGD/AutoAttack gap "
                "of 10 to 30 points is a gradient-masking signature; trust its AutoAttack "
                "numbers, not its PGD ones. Overhead: one extra forward per batch after the "
-               "warm-up."),
+               "warm-up (the reference computes the natural loss, and updates BatchNorm "
+               "with it, from the first batch). See docs/defenses/dom.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "update_bn": True}
 

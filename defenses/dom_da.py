@@ -1,6 +1,8 @@
 """DOM-DA: the augmentation half of DOM (Lin, Yu, Han & Liu, "On the Over-Memorization
 During Natural, Robust and Catastrophic Overfitting", ICLR 2024); see `defenses/dom.py`
-for the method, the shared threshold and warm-up, and the engine-specific choices.
+for the method, the shared threshold and warm-up, and the engine-specific choices, and
+docs/defenses/dom_da.md for the algorithm, its hyperparameters, the differences from the
+authors' code and the published numbers.
 """
 
 from __future__ import annotations
@@ -80,17 +82,20 @@ class DomDA(_DOM):
         },
         extra_data="none",
         notes=("beta and rounds default to the published values for the base method and "
-               "the chosen transform. Overhead after the warm-up: one extra forward per "
+               "the chosen transform. As the reference, each round transforms the sub-batch "
+               "still flagged with one torchvision call (one draw of operations shared by "
+               "it); per_image = true draws per image instead. The reference's tau is the "
+               "same --clamp as DOM-RE's. Overhead after the warm-up: one extra forward per "
                "batch plus one forward of the still-flagged images in each round but the "
-               "last, and the torchvision transforms (per image by default)."),
+               "last, and the transforms. See docs/defenses/dom_da.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "aug": "randaugment",
-              "beta": None, "rounds": None, "per_image": True, "update_bn": True}
+              "beta": None, "rounds": None, "per_image": False, "update_bn": True}
     slots = ("augmentation",)
 
     def __init__(self, tau: float, warmup: float, aug: str = "randaugment",
                  beta: float | None = None, rounds: int | None = None,
-                 per_image: bool = True, update_bn: bool = True) -> None:
+                 per_image: bool = False, update_bn: bool = True) -> None:
         super().__init__(tau=tau, warmup=warmup, update_bn=update_bn, aug=aug, beta=beta,
                          rounds=rounds, per_image=per_image)
         if aug not in AUGMENTATIONS:
@@ -116,8 +121,8 @@ class DomDA(_DOM):
 
     # ---- augmentation ------------------------------------------------------
     def augment_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """The torchvision transform on a uint8 N x C x H x W batch: per image, or one
-        call for the whole batch (operations shared, as in the reference)."""
+        """The torchvision transform on a uint8 N x C x H x W batch: one call for the whole
+        batch (operations shared, as in the reference; the default), or per image."""
         if self.per_image:
             return torch.stack([self.transform(image) for image in images])
         return self.transform(images)

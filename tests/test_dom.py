@@ -18,6 +18,7 @@ from invariants import (
     train,
 )
 from torch import nn
+from torchvision import transforms as T
 
 from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
@@ -200,6 +201,64 @@ def test_da_draws_operations_per_image_or_per_call(smoke_suite):
             out = da.augment(x)
         same = all(torch.equal(out[0], out[i]) for i in range(1, 8))
         assert same != per_image
+
+
+def reference_rounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
+                     beta: float, rounds: int, transform: nn.Module) -> tuple[torch.Tensor, list]:
+    """The reference's augmentation loop, written out: flag the low-loss images; in each
+    round call the transform ONCE on the sub-batch still flagged (one draw of operations
+    and magnitudes for all of them), blend, release those whose augmented loss >= tau, and
+    in the last round give every flagged image aug(x). Returns the batch and the sizes of
+    the sub-batches, round by round."""
+    def to_uint8(t):
+        return (t * 255.999).to(torch.uint8)  # torchvision's float -> uint8 conversion
+
+    flagged = clean_losses(model, x, y) <= tau
+    x = x.clone()
+    sizes = []
+    for n in range(1, rounds + 1):
+        idx = flagged.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        sizes.append(idx.numel())
+        aug = transform(to_uint8(x[idx])).float() / 255
+        leave = clean_losses(model, aug, y[idx]) >= tau
+        if n == rounds:
+            x[idx] = aug
+            break
+        x[idx] = (1 - beta) * x[idx] + beta * aug
+        x[idx[leave]] = aug[leave]
+        flagged[idx[leave]] = False
+    return x, sizes
+
+
+@pytest.mark.parametrize(("aug", "seed"), [("randaugment", 6), ("augmix", 3)])
+def test_da_default_transforms_each_round_s_sub_batch_with_one_draw(smoke_suite, aug, seed):
+    """By default (per_image = false), as the reference: one transform call per round on
+    the flagged sub-batch; the same images and seed give the reference loop's batch."""
+    g = torch.Generator().manual_seed(3)
+    texture = torch.rand(16, 3, 16, 16, generator=g)
+    levels = torch.linspace(0.55, 1.25, 16)[:, None, None, None]
+    x = ((texture * levels).clamp(0, 1) * 255).round() / 255  # mean brightness 0.3 .. 0.6
+    y = torch.zeros(16, dtype=torch.long)
+    model = MeanBrightness()
+    da = DomDA(tau=1.0, warmup=0.0, aug=aug, beta=0.3, rounds=3)
+    assert da.per_image is False
+    da.bind_random_stream(seed, CPU)  # (a seed whose rounds release some images)
+    stream = torch.Generator().manual_seed(0)
+    stream.set_state(da.generator.get_state())
+    state = hand_state(smoke_suite, model, x, y)
+    da.before_attack(state)
+    with seeded_global_rng(stream, CPU):
+        want, sizes = reference_rounds(model, x, y, 1.0, 0.3, 3,
+                                       T.AugMix() if aug == "augmix" else T.RandAugment())
+    assert len(sizes) >= 2 and sizes[0] > sizes[-1] > 0  # some leave, some stay: real rounds
+    torch.testing.assert_close(state.x, want, rtol=0, atol=1e-6)
+    per_image = DomDA(tau=1.0, warmup=0.0, aug=aug, beta=0.3, rounds=3, per_image=True)
+    per_image.bind_random_stream(seed, CPU)
+    state = hand_state(smoke_suite, model, x, y)
+    per_image.before_attack(state)
+    assert not torch.equal(state.x, want)  # the option draws per image: another batch
 
 
 class IdentityDA(DomDA):

@@ -11,6 +11,8 @@ import torch
 import torchvision.transforms.functional as TF
 from conftest import with_train
 from invariants import (
+    PROBE_CARD,
+    assert_same_state,
     check_resume_equals_uninterrupted,
     model_state,
     states_differ,
@@ -18,10 +20,12 @@ from invariants import (
 )
 
 import defenses.idbh as idbh_module
-from bench.config import ConfigError, DefenseSpec, RunSpec
+from bench.config import ConfigError, DefenseSpec, RunSpec, load_suite
 from bench.engine import Trainer
+from bench.planning import plan_runs
 from bench.records import load_checkpoint
 from defenses import augment_ops as A
+from defenses.base import Defense
 from defenses.idbh import (
     _APPLIED,
     COLOUR_SHAPE,
@@ -239,6 +243,52 @@ def test_idbh_is_deterministic_given_the_generator():
     assert torch.equal(apply_idbh(x, draw), a)
 
 
+def hand_idbh(img: torch.Tensor, draw, i: int, order=("flip", "crop", "op", "erase")):
+    """Image i of a batch through the recipe's steps, one at a time and in `order`, with
+    draw i's parameters (each op on its own: slicing, naive_crop_shift, the single op)."""
+    steps = {
+        "flip": lambda t: t.flip(2) if draw.flip[i] else t,
+        "crop": lambda t: naive_crop_shift(t, *[int(p[i]) for p in draw.crop_shift]),
+        "op": lambda t: A.OPS[_APPLIED[int(draw.choice[i])]](
+            t[None], draw.magnitude[i:i + 1])[0],
+        "erase": lambda t: _erase_box(t, *[int(p[i]) for p in draw.erase]),
+    }
+    for name in order:
+        img = steps[name](img)
+    return img
+
+
+def _erase_box(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    out = img.clone()
+    out[:, top:top + h, left:left + w] = 0
+    return out
+
+
+ORDERS = {
+    "reversed": ("erase", "op", "crop", "flip"),
+    "erase before the op": ("flip", "crop", "erase", "op"),
+    "crop before the flip": ("crop", "flip", "op", "erase"),
+    "op before the crop": ("flip", "op", "crop", "erase"),
+}
+
+
+def test_ops_run_in_the_published_order():
+    """flip -> CropShift -> one colour/shape op -> erasing, image by image against the steps
+    applied by hand; every other order gives other images on this structured batch."""
+    n, side = 64, 32
+    ramp = torch.linspace(0.05, 0.95, side * side).view(1, 1, side, side)
+    x = torch.cat([ramp, ramp.flip(3), ramp.transpose(2, 3)], 1).expand(n, -1, -1, -1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    draw = sample_idbh(n, side, side, gen(21), erase_p=1.0)
+    assert draw.flip.any() and (draw.erase[2] > 0).all()
+    out = apply_idbh(x, draw)
+    for i in range(n):
+        assert torch.equal(out[i], hand_idbh(x[i], draw, i)), i
+    for name, order in ORDERS.items():  # the test can tell each of these apart
+        other = torch.stack([hand_idbh(x[i], draw, i, order) for i in range(n)])
+        assert not torch.equal(other, out), name
+
+
 def test_strong_erases_every_image_and_weak_about_half():
     strong = sample_idbh(4000, 32, 32, gen(2), IDBH(variant="strong").erase_p)
     weak = sample_idbh(4000, 32, 32, gen(2), IDBH(variant="weak").erase_p)
@@ -314,6 +364,10 @@ def test_undeclared_methods_are_refused(smoke_suite, method):
     ({"variant": "medium"}, r"variant must be one of \['strong', 'weak'\]"),
     ({"max_shift": -1}, "max_shift must be an integer >= 0"),
     ({"max_shift": 2.5}, "max_shift must be an integer >= 0"),
+    ({"swa": 1}, "swa must be true or false"),
+    ({"swa": True, "swa_decay": 2.0}, r"swa_decay must be a number in \(0, 1\]"),
+    ({"swa_start": 1.0}, r"swa_start must be a fraction of training"),
+    ({"swa_every": 0}, "swa_every must be an integer >= 1"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -328,9 +382,91 @@ def test_card_and_defaults():
     assert idbh_module.__doc__.startswith("IDBH (Li & Spratling")
     assert IDBH.__doc__.startswith("IDBH (Li & Spratling")
     d = IDBH()
-    assert (d.variant, d.erase_p, d.max_shift) == ("strong", 1.0, 10)
+    assert (d.variant, d.erase_p, d.max_shift, d.averaging) == ("strong", 1.0, 10, None)
+    assert IDBH.extra_models == ("swa",) and d.eval_models(None) == {}
     assert math.isclose(IDBH(variant="weak").erase_p, 0.5)
     assert IDBH.slots == ("augmentation",) and IDBH.capabilities == ("raw_batch",)
+
+
+# --------------------------------------------------------------------------- SWA
+
+
+class StepRecorder(Defense):
+    """Keeps (epoch, 1-based batch of the epoch, parameters) after every optimizer step."""
+
+    name = "recorder"
+    card = PROBE_CARD
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+
+    def after_step(self, state) -> None:
+        params = {k: p.detach().clone() for k, p in state.model.named_parameters()}
+        self.steps.append((state.epoch, state.step_in_epoch + 1, params))
+
+
+def test_swa_in_the_engine_is_the_hand_average_of_the_scheduled_steps(tmp_path, smoke_suite,
+                                                                      smoke_splits):
+    """Start at half of training, every 2nd batch, decay 0.3: the saved average is the
+    first scheduled step's weights, then (1 - 0.3) avg + 0.3 w at each later one; its BN
+    statistics were re-estimated on one epoch's worth of batches (not the trained ones)."""
+    idbh = IDBH(variant="weak", swa=True, swa_start=0.5, swa_decay=0.3, swa_every=2)
+    recorder = StepRecorder()
+    trainer = train(tmp_path, smoke_suite, smoke_splits, instances=[idbh, recorder])
+    epochs, per_epoch = smoke_suite.train.epochs, len(trainer.loader)
+    assert (epochs, per_epoch) == (2, 4)
+    scheduled = [p for e, i, p in recorder.steps if e >= 0.5 * epochs and i % 2 == 0]
+    assert len(scheduled) == 2
+    want = dict(scheduled[0])
+    for params in scheduled[1:]:
+        want = {k: 0.7 * want[k] + 0.3 * params[k] for k in want}
+    last = load_checkpoint(tmp_path / "last.pt")
+    saved = last["eval_models"]["idbh.swa"]
+    for key, value in want.items():
+        torch.testing.assert_close(saved[key],
+                                   value, rtol=1e-6, atol=1e-6)
+    trained = last["model"]
+    stats = [k for k in saved if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(saved[k], trained[k]) for k in stats)
+    counts = [int(saved[k]) for k in saved if k.endswith("num_batches_tracked")]
+    assert counts and set(counts) == {per_epoch}  # reset, then one epoch of batches
+    best = load_checkpoint(tmp_path / "best.pt")
+    if best["epoch"] == 1:  # before the start: no average to score yet
+        assert "idbh.swa" not in best["eval_models"]
+
+
+def test_swa_never_changes_the_trained_model(tmp_path, smoke_suite, smoke_splits):
+    plain = train(tmp_path / "weak", smoke_suite, smoke_splits, defenses=[spec(variant="weak")])
+    swa = train(tmp_path / "swa", smoke_suite, smoke_splits,
+                defenses=[spec(variant="weak", swa=True)])
+    assert_same_state(model_state(plain.run_dir), model_state(swa.run_dir))
+    last = load_checkpoint(swa.run_dir / "last.pt")
+    assert set(last["eval_models"]) == {"idbh.swa"}
+    assert not load_checkpoint(plain.run_dir / "last.pt")["eval_models"]
+    rng_plain = load_checkpoint(plain.run_dir / "last.pt")["rng"]
+    for stream in ("data", "attack", "torch"):  # the BN pass draws only the second stream
+        assert torch.equal(rng_plain[stream], last["rng"][stream]), stream
+
+
+def test_resume_with_swa_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits):
+    check_resume_equals_uninterrupted(tmp_path, with_train(smoke_suite, epochs=3),
+                                      smoke_splits, "at",
+                                      (spec(variant="weak", swa=True, swa_decay=0.2),))
+
+
+def test_wrn_suite_runs_the_published_wrn_recipe():
+    """cifar10-linf-wrn: IDBH-weak (erasing p 0.5) with SWA from the first iteration,
+    decay 0.001 every iteration, as the authors' WRN-34-10 command."""
+    suite = load_suite("cifar10-linf-wrn")
+    runs = [r for r in plan_runs(suite.name, ["idbh"], None, [0]) if r.defenses]
+    assert [r.method for r in runs] == ["at"]
+    (d,) = build_defenses(runs[0].defenses, runs[0].method, suite)
+    assert (d.variant, d.erase_p) == ("weak", 0.5)
+    assert d.averaging is not None
+    assert (d.averaging.start, d.averaging.decay, d.averaging.every) == (0.0, 0.001, 1)
+    (default,) = build_defenses((spec(),), "at", load_suite("cifar10-linf"))
+    assert (default.variant, default.averaging) == ("strong", None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
