@@ -13,9 +13,12 @@ setup(state)                          build proxies, EMA, policy nets (may warm-
 for epoch:
     on_epoch_start(state)
     for batch (x, y, index):           device-resident data, augmented on the device
-        before_attack(state)           may replace state.x / state.y
+        state.x_adv = None
+        before_attack(state)           may replace state.x / state.y; may set state.x_adv
+                                       itself (e.g. to state.x for a clean-training phase)
         clean logits                   only if a defense asks (capability), of that batch
-        state.x_adv = method.attack    the suite's attack; the method decides its objective
+        if state.x_adv is None:        no hook set it: the usual case
+            state.x_adv = method.attack  the suite's attack; the method decides its objective
         after_attack(state)            sees x_adv; may compute weight perturbations
         with around_update(state):     context managers, nested in order, closed in reverse
             per-sample loss            the method's (or the `objective` owner's objective_loss)
@@ -47,7 +50,10 @@ Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overri
 suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the
 BatchNorm mode while attacking), `draw_batch(augment=True)` (a second batch stream;
 `augment=False` gives unaugmented images), `data_info` (channels, image side, classes,
-normalisation), `log(key, value)` and the pass counters.
+normalisation), `log(key, value)` and the pass counters. A `before_attack` hook that sets
+`state.x_adv` (a batch shaped like `state.x`, e.g. the clean batch itself during a phase
+of clean training) replaces the suite's attack for that batch: the engine runs no attack,
+and so counts none of its passes.
 
 The engine owns the threat model, optimizer, schedule, mixed precision
 (bf16 autocast on CUDA, fp32 on CPU; channels_last on both), checkpoints and resume.
@@ -454,16 +460,23 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = state.lr
         state.x, state.y, state.index = x, y, index
+        state.x_adv = None  # a before_attack hook may set it: then no attack runs
         state.term_grads = {}
         if "raw_batch" in self.capabilities:
             state.raw_x = to_float(self.train_x_for(index), self.channels_last)
         for defense in self.defenses:
             self.guard.call(defense, "before_attack", state)
+            if state.x_adv is not None and not (torch.is_tensor(state.x_adv)
+                                                and state.x_adv.shape == state.x.shape):
+                raise self.guard.error(defense, "before_attack", state, (
+                    "set state.x_adv to something other than a batch shaped like state.x; "
+                    "a hook that sets it replaces the attack for this batch"))
         if "clean_logits" in self.capabilities:  # of the batch as the defenses left it
             with torch.no_grad(), preserved_bn_stats(model), state.autocast():
                 state.clean_logits = model(state.x).float()
             state.counter.add(fwd=1)
-        state.x_adv = self.method.attack(state)
+        if state.x_adv is None:
+            state.x_adv = self.method.attack(state)
         for defense in self.defenses:
             self.guard.call(defense, "after_attack", state)
         model.train()

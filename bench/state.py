@@ -1,8 +1,9 @@
 """`TrainState`: everything a defense hook may read and write during training.
 
 Hooks read the protocol (`suite`, `eps`, `epoch`, `lr`) and the current batch,
-and write only the fields their hook documents (`x`/`y` in `before_attack`,
-weights inside `around_update`, extra terms in `add_losses`, ...). Services:
+and write only the fields their hook documents (`x`/`y` in `before_attack`, or `x_adv`
+there to skip the attack, weights inside `around_update`, extra terms in `add_losses`,
+...). Services:
 `attack()` (the suite's attack, with explicit logged overrides), `draw_batch()`
 (an independent second batch stream), `log()` and the pass counters; on request
 (capabilities), `clean_model` in `setup` and `term_grads` in `after_backward`.

@@ -2,7 +2,7 @@
 Generalization and Robustness Trade-off in Adversarial Training", ICLR 2024), as plain
 functions on tensors and modules: the objectives, the consistency with the revision
 model, the gradient-prominence masks ("conserve") and the stochastic revision update.
-`defenses/cure.py` wires them to the engine's hooks.
+`defenses/cure.py` wires them to the engine's hooks; docs/defenses/cure.md describes them.
 
 Masks index parameters in their logical (row-major) order, so they do not depend on the
 memory format (channels_last) of the weights.
@@ -24,12 +24,17 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
+def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p(x) || p(x_adv)), differentiable through both sides (TRADES)."""
+    return kl_rows(F.log_softmax(logits_clean, dim=1), F.log_softmax(logits_adv, dim=1))
+
+
 def trades_objective(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                      beta: float) -> torch.Tensor:
-    """Per-sample CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (the paper's L_adv, beta = 1)."""
+    """Per-sample CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (L_adv: beta 5 in the released
+    code's default, 1 in the paper's Eq. 4)."""
     ce = F.cross_entropy(logits_clean, y, reduction="none")
-    log_p_clean = F.log_softmax(logits_clean, dim=1)
-    return ce + beta * kl_rows(log_p_clean, F.log_softmax(logits_adv, dim=1))
+    return ce + beta * trades_kl(logits_clean, logits_adv)
 
 
 def rgp_objective(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
@@ -77,9 +82,31 @@ def update_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
 
 
 def prominence(grad_clean: torch.Tensor, grad_adv: torch.Tensor, alpha_c: float) -> torch.Tensor:
-    """The paper's revision gradient prominence per weight:
+    """The paper's revision gradient prominence per weight (mode `paper`):
     alpha_c |dCE(x)/dw| + (1 - alpha_c) |dCE(x_adv)/dw|."""
     return alpha_c * grad_clean.float().abs() + (1 - alpha_c) * grad_adv.float().abs()
+
+
+def signed_prominence(grad_ce: torch.Tensor, grad_kl: torch.Tensor,
+                      alpha_c: float) -> torch.Tensor:
+    """The released code's score (mode `rgp_soft`), signed, no absolute value:
+    alpha_c dCE(x)/dw + (1 - alpha_c) dKL(p(x) || p(x_adv))/dw. The weights conserved are
+    those with the lowest signed score."""
+    return alpha_c * grad_ce.float() + (1 - alpha_c) * grad_kl.float()
+
+
+def block_first_convs(model: nn.Module) -> list[int]:
+    """Positions, in `[p for p in model.parameters() if p.requires_grad]`, of the parameters
+    that the released `rgp_soft` mode masks: those of a module named `conv1` (the first
+    convolution of each residual block in the ResNets), except the network's first
+    parameter (the stem convolution, also named `conv1`). None in a plain CNN."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [i for i, n in enumerate(names) if i > 0 and "conv1" in n.split(".")[:-1]]
+
+
+def clean_epochs(fraction: float, epochs: int) -> int:
+    """Epochs of clean training before CURE: round(fraction * epochs), halves up."""
+    return math.floor(fraction * epochs + 0.5)
 
 
 def conserve_(params: list[torch.Tensor], scores: list[torch.Tensor], percent: float) -> None:
@@ -100,11 +127,11 @@ def last_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def revision_decay(mode: str, decay: float, step: int) -> float:
-    """The revision model's EMA decay: d (paper); min(1 - 1/(t + 1), d) with t the number
-    of optimizer steps taken so far, this one included (reference `rgp`)."""
-    if mode == "rgp":
-        return min(1 - 1 / (step + 1), decay)
-    return decay
+    """The revision model's EMA decay: d (`paper`); min(1 - 1/(t + 1), d) with t the number
+    of CURE steps taken so far, this one included (the released code, `rgp_soft`, `rgp`)."""
+    if mode == "paper":
+        return decay
+    return min(1 - 1 / (step + 1), decay)
 
 
 def revise_(revision: nn.Module, model: nn.Module, decay: float, gate: torch.Tensor) -> None:

@@ -1,12 +1,17 @@
-"""CURE (defenses/cure.py, defenses/_cure_ops.py): the objectives, the consistency term,
-the conserve masks (paper: prominence from per-term gradients; rgp: |grad| of the total
-loss, classifier left alone), the stochastic revision, the warm start from the clean-model
-service, and the shared invariants (zero strength, resume, methods, eval_models)."""
+"""CURE (defenses/cure.py, defenses/_cure_ops.py): the objectives (TRADES beta 5 by
+default), the consistency term, the conserve masks (rgp_soft: signed score of per-term
+gradients, each residual block's first convolution only; paper: |per-term gradients|,
+every layer; rgp: |grad| of the total loss, classifier left alone), the stochastic
+revision, the single-schedule recipe (clean epochs without an attack, then CURE with the
+same optimizer, the revision model copied at the switch), the optional warm start from the
+clean-model service, and the shared invariants (zero strength, resume, methods,
+eval_models). Expectations are re-derived in the tests, not taken from the code."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 from conftest import with_train
 from invariants import (
     PROBE_CARD,
+    assert_equal_nested,
     assert_same_state,
     check_resume_equals_uninterrupted,
     check_weights_clean_outside_update,
@@ -25,10 +31,13 @@ from invariants import (
 from torch import nn
 
 import bench.clean_model as service
-from bench.config import ConfigError, DefenseSpec, RunSpec
-from bench.engine import Trainer, collect_eval_models
+from bench.config import ConfigError, DefenseSpec, ModelConfig, RunSpec
+from bench.engine import Trainer, collect_eval_models, learning_rate
+from bench.models import build_model
 from bench.records import load_checkpoint, read_history
 from defenses._cure_ops import (
+    block_first_convs,
+    clean_epochs,
     conserved_count,
     consistency,
     last_linear_parameters,
@@ -67,7 +76,7 @@ class GradRecorder(Defense):
 
 
 def stepped(tmp_path, suite, splits, defenses: list[Defense]) -> tuple[Trainer, object]:
-    """One TRADES training step with `defenses` (no clean model: no warm start)."""
+    """One TRADES training step with `defenses` at epoch 0 (no clean model)."""
     trainer = Trainer(RunSpec(suite.name, "trades", (), 0), suite, splits, tmp_path,
                       device=CPU, progress=False)
     state = trainer.build()
@@ -132,7 +141,7 @@ def expected_masked(raw: torch.Tensor, score: torch.Tensor, percent: float) -> t
 def test_paper_mode_masks_every_layer_by_the_prominence_of_the_term_gradients(
         tmp_path, smoke_suite, smoke_splits):
     before, after = GradRecorder(), GradRecorder()
-    cure = CURE(percent=30.0, alpha_c=0.25, warm_start=False)
+    cure = CURE(percent=30.0, alpha_c=0.25, mode="paper", clean_fraction=0.0)
     trainer, _ = stepped(tmp_path, smoke_suite, smoke_splits, [before, cure, after])
     clean, adv = before.terms["cure.ce_clean"], before.terms["cure.ce_adv"]
     assert len(clean) == len(before.grads) and any(
@@ -145,7 +154,7 @@ def test_paper_mode_masks_every_layer_by_the_prominence_of_the_term_gradients(
 def test_rgp_mode_masks_by_the_total_gradient_and_leaves_the_classifier(
         tmp_path, smoke_suite, smoke_splits):
     before, after = GradRecorder(), GradRecorder()
-    cure = CURE(percent=40.0, mode="rgp", warm_start=False)
+    cure = CURE(percent=40.0, mode="rgp", clean_fraction=0.0)
     assert cure.capabilities == ()  # no per-term gradients, no clean model
     trainer, state = stepped(tmp_path, smoke_suite, smoke_splits, [before, cure, after])
     assert state.term_grads == {} and before.terms == {}
@@ -161,7 +170,7 @@ def test_rgp_mode_masks_by_the_total_gradient_and_leaves_the_classifier(
 
 def test_percent_zero_leaves_the_gradients(tmp_path, smoke_suite, smoke_splits):
     before, after = GradRecorder(), GradRecorder()
-    cure = CURE(percent=0.0, warm_start=False)
+    cure = CURE(percent=0.0, clean_fraction=0.0)
     assert cure.capabilities == ()
     stepped(tmp_path, smoke_suite, smoke_splits, [before, cure, after])
     assert all(torch.equal(a, b) for a, b in zip(before.grads, after.grads))
@@ -196,7 +205,7 @@ def test_objectives_and_consistency_match_their_formulas():
 
 def test_consistency_term_is_zero_while_the_revision_equals_the_student(
         tmp_path, smoke_suite, smoke_splits):
-    cure = CURE(gamma=0.5, warm_start=False)
+    cure = CURE(gamma=0.5, clean_fraction=0.0)
     trainer, state = stepped(tmp_path, smoke_suite, smoke_splits, [cure])
     cure.revision.load_state_dict(trainer.model.state_dict())
     state.x_adv = trainer.method.attack(state)
@@ -232,8 +241,9 @@ def test_revision_update_formula_parameters_only():
     for name, buf in revision.named_buffers():  # BN statistics are not averaged
         assert torch.equal(buf, kept[name]), name
     assert revision_decay("paper", 0.999, 1) == 0.999
-    assert [revision_decay("rgp", 0.999, t) for t in (1, 3)] == [0.5, 0.75]
-    assert revision_decay("rgp", 0.999, 10**6) == 0.999
+    for mode in ("rgp_soft", "rgp"):  # the released code: min(1 - 1/(t + 1), d)
+        assert [revision_decay(mode, 0.999, t) for t in (1, 3)] == [0.5, 0.75]
+        assert revision_decay(mode, 0.999, 10**6) == 0.999
 
 
 def test_revision_happens_with_probability_r_from_the_defense_stream(
@@ -241,7 +251,7 @@ def test_revision_happens_with_probability_r_from_the_defense_stream(
     trainer = Trainer(RunSpec("smoke", "trades", (), 0), smoke_suite, smoke_splits, tmp_path,
                       device=CPU, progress=False)
     state = trainer.build()
-    cure = CURE(revision_rate=0.3, warm_start=False)
+    cure = CURE(revision_rate=0.3, clean_fraction=0.0)
     cure.bind_random_stream(0, CPU)
     cure.setup(state)
     with torch.no_grad():
@@ -267,9 +277,10 @@ def test_revision_happens_with_probability_r_from_the_defense_stream(
 # --------------------------------------------------------------------------- warm start
 
 
-def test_warm_start_from_the_clean_model_service(tmp_path, smoke_suite, smoke_splits):
-    trainer = Trainer(RunSpec("smoke", "trades", (spec(),), 0), smoke_suite, smoke_splits,
-                      tmp_path / "run", device=CPU, progress=False)
+def test_optional_warm_start_from_the_clean_model_service(tmp_path, smoke_suite, smoke_splits):
+    trainer = Trainer(RunSpec("smoke", "trades", (spec(warm_start=True, clean_fraction=0.0),),
+                              0), smoke_suite, smoke_splits, tmp_path / "run", device=CPU,
+                      progress=False)
     state = trainer.build()
     (cure,) = trainer.defenses
     assert cure.capabilities == ("term_grads", "clean_model")
@@ -281,9 +292,10 @@ def test_warm_start_from_the_clean_model_service(tmp_path, smoke_suite, smoke_sp
     assert_same_state(cure.revision.state_dict(), cached)
     assert not any(p.requires_grad for p in cure.revision.parameters())
     assert trainer.pretraining[0]["for"] == ["cure"]
-    cold = Trainer(RunSpec("smoke", "trades", (spec(warm_start=False),), 0), smoke_suite,
+    cold = Trainer(RunSpec("smoke", "trades", (spec(),), 0), smoke_suite,  # the default
                    smoke_splits, tmp_path / "cold", device=CPU, progress=False)
     cold_state = cold.build()
+    assert "clean_model" not in cold.defenses[0].capabilities
     cold.provide_clean_model(cold_state)
     assert cold_state.clean_model is None and cold.pretraining == []
 
@@ -295,32 +307,34 @@ def test_zero_strength_is_plain_trades_bit_for_bit(tmp_path, smoke_suite, smoke_
     beta = smoke_suite.train.trades_beta
     check_zero_strength_is_plain(
         tmp_path, smoke_suite, smoke_splits, "trades",
-        zero=spec(percent=0.0, gamma=0.0, beta=beta, warm_start=False),
-        real=spec(warm_start=False))
+        zero=spec(percent=0.0, gamma=0.0, beta=beta, clean_fraction=0.0),
+        real=spec())
 
 
 def test_weights_clean_outside_around_update(tmp_path, smoke_suite, smoke_splits):
     check_weights_clean_outside_update(tmp_path / "run", smoke_suite, smoke_splits,
-                                       CURE(warm_start=False), method="trades", perturbs=False)
+                                       CURE(), method="trades", perturbs=False)
 
 
-@pytest.mark.parametrize("mode", ["paper", "rgp"])
+@pytest.mark.parametrize(("mode", "clean_fraction"),
+                         [("rgp_soft", 0.4), ("rgp_soft", 0.0), ("paper", 0.0), ("rgp", 0.0)])
 def test_resume_equals_uninterrupted_including_revision_model_and_stream(
-        tmp_path, smoke_suite, smoke_splits, mode):
+        tmp_path, smoke_suite, smoke_splits, mode, clean_fraction):
+    """Cut after epoch 1: at the switch (0.4 of 3 epochs: 1 clean epoch) or after it (the
+    switch is checkpointed: a resumed run must not copy the student again)."""
     suite = with_train(smoke_suite, epochs=3)
-    defense = spec(mode=mode, revision_rate=0.5, percent=30.0)
+    defense = spec(mode=mode, revision_rate=0.5, percent=30.0, clean_fraction=clean_fraction)
     check_resume_equals_uninterrupted(tmp_path, suite, smoke_splits, "trades", (defense,))
     saved = load_checkpoint(tmp_path / "full" / "last.pt")
     state = saved["defenses"][0]
-    assert any(k.startswith("revision.") for k in state) and "_extra_state" in state
-    assert saved["pretraining"][0]["for"] == ["cure"]  # warm-started, cached once
-    assert len(list((tmp_path / "_clean_models").iterdir())) == 1
+    assert any(k.startswith("revision.") for k in state) and state["_extra_state"]["switched"]
+    assert saved["pretraining"] == []  # no separate clean model by default
 
 
 def test_trains_with_trades_and_refuses_other_methods(tmp_path, smoke_suite, smoke_splits):
     plain = train(tmp_path / "plain", smoke_suite, smoke_splits, method="trades")
     cured = train(tmp_path / "cure", smoke_suite, smoke_splits, method="trades",
-                  defenses=[spec()])
+                  defenses=[spec(clean_fraction=0.0, mode="paper")])
     rows = read_history(cured.run_dir / "history.jsonl")
     plain_rows = read_history(plain.run_dir / "history.jsonl")
     assert rows[0]["loss.cure.consistency"] >= 0 and 0 <= rows[0]["cure.revised"] <= 1
@@ -353,19 +367,18 @@ def test_eval_models_returns_the_student_and_the_revision_model(tmp_path, smoke_
 
 
 def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_splits):
-    """The CUDA configuration (bf16 autocast, channels_last): the clean model is trained and
-    cached under that precision, CURE trains on it with finite losses and fp32 weights."""
-    trainer = Trainer(RunSpec("smoke", "trades", (spec(percent=30.0),), 0), smoke_suite,
+    """The CUDA configuration (bf16 autocast, channels_last), the default recipe on the
+    tiny residual network (a clean epoch, then rgp_soft with its masks): finite losses,
+    fp32 weights."""
+    suite = preact_suite(smoke_suite)
+    trainer = Trainer(RunSpec("smoke", "trades", (spec(percent=30.0),), 0), suite,
                       smoke_splits, tmp_path / "run", device=CPU, progress=False,
                       mixed_precision=True, channels_last=True)
     trainer.train()
-    (entry,) = (tmp_path / "_clean_models").iterdir()
-    assert entry == service.cache_dir(tmp_path / "_clean_models", smoke_suite, 0, "bfloat16")
-    facts = load_checkpoint(entry / "model.pt")["facts"]
-    assert facts["recipe"] == {"method": "standard", "epochs": 2, "precision": "bfloat16"}
     rows = read_history(tmp_path / "run" / "history.jsonl")
-    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["loss.cure.consistency"])
-               for r in rows)
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert "loss.cure.consistency" not in rows[0]  # the clean epoch
+    assert math.isfinite(rows[1]["loss.cure.consistency"])
     (cure,) = trainer.defenses
     for module in (trainer.model, cure.revision):
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all()
@@ -382,7 +395,8 @@ def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_sp
     ({"beta": "1"}, r"cure: beta must be a finite number"),
     ({"revision_rate": 1.5}, r"cure: revision_rate .* in \[0.0, 1.0\]"),
     ({"revision_decay": True}, r"cure: revision_decay must be a finite number"),
-    ({"mode": "soft"}, r"cure: mode must be one of \['paper', 'rgp'\]"),
+    ({"mode": "soft"}, r"cure: mode must be one of \['rgp_soft', 'paper', 'rgp'\]"),
+    ({"clean_fraction": -0.1}, r"cure: clean_fraction .* in \[0.0, 1.0\]"),
     ({"warm_start": "yes"}, "cure: warm_start must be true or false"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
@@ -390,15 +404,210 @@ def test_bad_parameters_are_refused(kwargs, message):
         CURE(**kwargs)
 
 
-def test_card_and_defaults_are_the_papers():
+def test_a_clean_phase_that_leaves_no_cure_epoch_is_refused(smoke_suite):
+    assert [clean_epochs(0.4, n) for n in (200, 60, 5, 2, 1)] == [80, 24, 2, 1, 0]
+    with pytest.raises(ConfigError, match=r"cure: clean_fraction 0.75 makes all 2 epochs of "
+                                          r"suite 'smoke' clean training, leaving none for "
+                                          r"CURE; set it below 0.750"):
+        build_defenses((spec(clean_fraction=0.75),), "trades", smoke_suite)
+    build_defenses((spec(clean_fraction=0.7),), "trades", smoke_suite)  # 1 clean, 1 CURE
+
+
+def test_card_and_defaults_follow_the_released_code():
     card = CURE.card
     assert card.venue == "ICLR 2024" and "2401.14948" in card.link
     assert card.reference_code == "https://github.com/NeurAI-Lab/CURE"
-    assert "clean data" in card.extra_data and "clean-model service" in card.extra_data
+    assert "none by default" in card.extra_data and "clean-model service" in card.extra_data
+    assert "broken" in card.notes and "shares the student's parameter storage" in card.notes
     prn = PER_ARCHITECTURE["PreActResNet-18, CIFAR-10"]
     assert {k: CURE.params[k] for k in prn} == prn
     assert (CURE.params["revision_rate"], CURE.params["revision_decay"]) == (0.2, 0.999)
-    assert CURE.params["beta"] == 1.0 and CURE.params["mode"] == "paper"
+    assert CURE.params["mode"] == "rgp_soft" and CURE.params["clean_fraction"] == 0.4
+    assert CURE.params["warm_start"] is False
+    assert CURE().beta == 5.0 and CURE().hparams["beta"] == 5.0  # the code's trades_beta
+    assert CURE(mode="paper").beta == 1.0 and CURE(mode="paper", beta=2).beta == 2.0
+    assert CURE().capabilities == ("term_grads",)
     assert card.published["ResNet-18 CIFAR-10 clean / PGD-20 / AA"]["CURE"] == [
         86.76, 54.92, 49.69]
     assert CURE.methods == ("trades",) and CURE.slots == ("objective", "update")
+
+
+# --------------------------------------------------------------------------- released mode
+
+
+def preact_suite(suite):
+    """The smoke suite on a tiny PreActResNet-18 (width 4): residual blocks to mask."""
+    return replace(suite, model=ModelConfig("preact_resnet18", {"width": 4}))
+
+
+PREACT_BLOCK_FIRST_CONVS = [f"net.layer{i}.{j}.conv1.weight" for i in (1, 2, 3, 4)
+                            for j in (0, 1)]
+
+
+def test_released_mode_masks_the_first_convolution_of_each_block(smoke_suite, smoke_splits):
+    def names(model_config):
+        model = build_model(model_config, smoke_splits.info)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        return [trainable[i] for i in block_first_convs(model)]
+    assert names(preact_suite(smoke_suite).model) == PREACT_BLOCK_FIRST_CONVS
+    assert names(ModelConfig("wide_resnet", {"depth": 10, "widen_factor": 1})) == [
+        "net.block1.0.conv1.weight", "net.block2.0.conv1.weight", "net.block3.0.conv1.weight"]
+    assert names(smoke_suite.model) == []  # a plain CNN has no residual block
+
+
+class ReferenceScore(Defense):
+    """Placed before CURE: in `after_backward` (raw gradients, weights not yet stepped)
+    re-derives the released score from scratch: alpha dCE(x)/dw + (1 - alpha) dKL/dw with
+    KL = (1/B) sum KLDiv(log_softmax(f(x_adv)), softmax(f(x))), both sides differentiable."""
+
+    name = "reference_score"
+    card = PROBE_CARD
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.raw: dict[str, torch.Tensor] = {}
+        self.score: dict[str, torch.Tensor] = {}
+
+    def after_backward(self, state) -> None:
+        named = [(n, p) for n, p in state.model.named_parameters() if p.requires_grad]
+        self.raw = {n: p.grad.detach().clone() for n, p in named}
+        out_nat, out_adv = state.model(state.x), state.model(state.x_adv)
+        ce = F.cross_entropy(out_nat, state.y)
+        kl = F.kl_div(F.log_softmax(out_adv, dim=1), F.softmax(out_nat, dim=1),
+                      reduction="sum") / len(state.y)
+        params = [p for _, p in named]
+        g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+        g_kl = torch.autograd.grad(kl, params, allow_unused=True)
+        for (n, p), a, b in zip(named, g_ce, g_kl, strict=True):
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+            self.score[n] = self.alpha * a + (1 - self.alpha) * b  # signed
+
+
+def test_released_mode_conserves_the_lowest_signed_scores_in_block_first_convs(
+        tmp_path, smoke_suite, smoke_splits):
+    suite = preact_suite(smoke_suite)
+    reference, after = ReferenceScore(0.3), GradRecorder()
+    cure = CURE(percent=30.0, alpha_c=0.3, clean_fraction=0.0)
+    assert cure.mode == "rgp_soft" and cure.capabilities == ("term_grads",)
+    trainer, state = stepped(tmp_path, suite, smoke_splits, [reference, cure, after])
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    masked = dict(zip(names, after.grads, strict=True))
+    for name in names:
+        raw, final = reference.raw[name], masked[name]
+        if name not in PREACT_BLOCK_FIRST_CONVS:
+            assert torch.equal(raw, final), name  # stem, conv2, shortcuts, BN, classifier
+            continue
+        score = reference.score[name].reshape(-1)
+        k = math.floor(0.3 * score.numel() + 0.5)
+        conserved = (final.reshape(-1) == 0) & (raw.reshape(-1) != 0)
+        kept = final.reshape(-1) != 0
+        assert torch.equal(final.reshape(-1)[kept], raw.reshape(-1)[kept]), name
+        assert int(conserved.sum()) == k, name
+        # the conserved entries are the k lowest signed scores (up to rounding of the
+        # re-derived gradients)
+        tol = 1e-5 * float(score.abs().max())
+        assert float(score[conserved].max()) <= float(score[kept].min()) + tol, name
+
+
+def test_default_loss_is_trades_with_beta_5(tmp_path, smoke_suite, smoke_splits):
+    """Without conserve, revision and clean phase, the default objective is the engine's own
+    TRADES at beta 5, bit for bit; and the formula, re-derived by hand."""
+    gen = torch.Generator().manual_seed(3)
+    lc, la = torch.randn(5, 10, generator=gen), torch.randn(5, 10, generator=gen)
+    y = torch.randint(0, 10, (5,), generator=gen)
+    p, q = F.softmax(lc, 1), F.softmax(la, 1)
+    by_hand = -torch.log(p[torch.arange(5), y]) + 5.0 * (p * (p.log() - q.log())).sum(1)
+    torch.testing.assert_close(trades_objective(lc, la, y, CURE().beta), by_hand)
+    suite = with_train(smoke_suite, trades_beta=5.0)
+    check_zero_strength_is_plain(tmp_path, suite, smoke_splits, "trades",
+                                 zero=spec(percent=0.0, gamma=0.0, clean_fraction=0.0),
+                                 real=spec(clean_fraction=0.0))
+
+
+class RecipeProbe(Defense):
+    """Placed after CURE: per step, whether the engine's attack was skipped (x_adv is the
+    clean batch); at each epoch start, the revision model and the student; at the first step
+    of epoch `watch`, the weights, gradients and momentum buffers around the optimizer step."""
+
+    name = "recipe_probe"
+    card = PROBE_CARD
+
+    def __init__(self, cure: CURE, watch: int) -> None:
+        super().__init__()
+        self.cure, self.watch = cure, watch
+        self.clean_steps: dict[int, list[bool]] = {}
+        self.revision_at_start: dict[int, dict] = {}
+        self.shares_storage: dict[int, bool] = {}
+        self.around: dict[str, object] = {}
+
+    def on_epoch_start(self, state) -> None:
+        revision = self.cure.revision
+        self.revision_at_start[state.epoch] = copy.deepcopy(revision.state_dict())
+        self.shares_storage[state.epoch] = any(
+            r.data_ptr() == p.data_ptr()
+            for r, p in zip(revision.parameters(), state.model.parameters()))
+
+    def after_attack(self, state) -> None:
+        self.clean_steps.setdefault(state.epoch, []).append(state.x_adv is state.x)
+
+    def _first_watched(self, state) -> bool:
+        return state.epoch == self.watch and state.step_in_epoch == 0
+
+    def after_backward(self, state) -> None:
+        if self._first_watched(state):
+            opt = state.optimizer
+            self.around = {
+                "lr": state.lr, "optimizer": opt,
+                "before": [p.detach().clone() for p in state.model.parameters()],
+                "grads": [p.grad.detach().clone() for p in state.model.parameters()],
+                "momentum": [None if opt.state[p].get("momentum_buffer") is None
+                             else opt.state[p]["momentum_buffer"].clone()
+                             for p in state.model.parameters()]}
+
+    def after_step(self, state) -> None:
+        if self._first_watched(state):
+            self.around["after"] = [p.detach().clone() for p in state.model.parameters()]
+
+
+def test_clean_epochs_then_cure_in_one_schedule_with_the_same_optimizer(
+        tmp_path, smoke_suite, smoke_splits):
+    """5 epochs at clean_fraction 0.4: epochs 1-2 are plain CE on the clean batch with no
+    attack (standard training, bit for bit, pass for pass, momentum buffers included); from
+    epoch 3 on, CURE with the attack; the revision model is, at the switch, a copy (own
+    storage) of the student after epoch 2; the first CURE step is SGD with the momentum
+    carried over from the clean epochs, at the schedule's learning rate."""
+    suite = with_train(smoke_suite, epochs=5)
+    standard = train(tmp_path / "standard", suite, smoke_splits, method="standard", stop=2)
+    clean = train(tmp_path / "clean", suite, smoke_splits, method="trades",
+                  defenses=[spec()], stop=2)
+    a = load_checkpoint(standard.run_dir / "last.pt")
+    b = load_checkpoint(clean.run_dir / "last.pt")
+    assert_same_state(a["model"], b["model"])
+    assert_equal_nested(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["passes"] == b["passes"]
+
+    cure = CURE()
+    probe = RecipeProbe(cure, watch=2)
+    full = train(tmp_path / "full", suite, smoke_splits, method="trades",
+                 instances=[cure, probe])
+    assert full.optimizer is probe.around["optimizer"]
+    assert {e: all(v) for e, v in probe.clean_steps.items()} == {
+        0: True, 1: True, 2: False, 3: False, 4: False}
+    assert not any(probe.clean_steps[2])
+    assert_same_state(probe.revision_at_start[2], a["model"])  # parameters and buffers
+    assert not probe.shares_storage[2] and not probe.shares_storage[4]
+    assert states_differ(probe.revision_at_start[4], model_state(full.run_dir))
+    # SGD (PyTorch's form) with the clean phase's momentum buffers, by hand
+    t = suite.train
+    assert probe.around["lr"] == learning_rate(suite, 2.0)
+    carried = [a["optimizer"]["state"][i]["momentum_buffer"]
+               for i in range(len(probe.around["before"]))]
+    assert all(m.abs().sum() > 0 for m in carried)
+    for held, m in zip(probe.around["momentum"], carried, strict=True):
+        assert held is not None and torch.equal(held, m)  # the buffers were not reset
+    for p0, g, m, p1 in zip(probe.around["before"], probe.around["grads"], carried,
+                            probe.around["after"], strict=True):
+        step = t.momentum * m + g + t.weight_decay * p0
+        torch.testing.assert_close(p1, p0 - probe.around["lr"] * step)

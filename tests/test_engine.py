@@ -371,3 +371,58 @@ def test_cpu_runs_record_the_process_cpu_seconds_of_each_epoch(tmp_path, smoke_s
     trainer = train(tmp_path, smoke_suite, smoke_splits)
     rows = read_history(trainer.run_dir / "history.jsonl")
     assert rows and all(row["cpu_seconds"] > 0 for row in rows)
+
+
+class SkipsAttack(Defense):
+    """Sets `state.x_adv` in `before_attack` on the steps `skip(step)` picks: the clean
+    batch itself, or (`bad`) a batch of the wrong shape."""
+
+    name = "skips_attack"
+    card = PROBE_CARD
+
+    def __init__(self, skip=lambda step: True, bad: bool = False) -> None:
+        super().__init__()
+        self.skip, self.bad = skip, bad
+        self.entered_with: list[object] = []
+
+    def before_attack(self, state):
+        self.entered_with.append(state.x_adv)
+        if self.skip(state.step):
+            state.x_adv = state.x[:1] if self.bad else state.x
+
+
+def test_a_hook_that_sets_x_adv_replaces_the_attack(tmp_path, smoke_suite, smoke_splits,
+                                                    monkeypatch):
+    """AT whose every attack a hook replaces by the clean batch is standard training, bit for
+    bit and pass for pass (no attack runs, none is counted); x_adv is None on entry to
+    before_attack at every step, so a hook that skips every other step gets the attack on
+    the others."""
+    standard = train(tmp_path / "standard", smoke_suite, smoke_splits, method="standard")
+    skipped = train(tmp_path / "skipped", smoke_suite, smoke_splits, method="at",
+                    instances=[SkipsAttack()])
+    assert_same_state(model_state(standard.run_dir), model_state(skipped.run_dir))
+    rows = [read_history(t.run_dir / "history.jsonl")[-1] for t in (standard, skipped)]
+    for key in ("forward_passes", "backward_passes"):
+        assert rows[0][key] == rows[1][key], key
+
+    calls = []
+    original = Trainer.train_step
+
+    def counting(self, state, x, y, index):
+        attack = self.method.attack
+        self.method.attack = lambda s, **kw: (calls.append(s.step), attack(s, **kw))[1]
+        try:
+            return original(self, state, x, y, index)
+        finally:
+            self.method.attack = attack
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    every_other = SkipsAttack(skip=lambda step: step % 2 == 0)
+    mixed = train(tmp_path / "mixed", smoke_suite, smoke_splits, method="at",
+                  instances=[every_other])
+    steps = smoke_suite.train.epochs * len(mixed.loader)
+    assert calls == list(range(1, steps, 2))
+    assert every_other.entered_with == [None] * steps
+    with pytest.raises(DefenseError, match=r"defense 'skips_attack' .* in before_attack at "
+                                           r"epoch 1, step 0 .* set state.x_adv to something "
+                                           r"other than a batch shaped like state.x"):
+        train(tmp_path / "bad", smoke_suite, smoke_splits, instances=[SkipsAttack(bad=True)])
