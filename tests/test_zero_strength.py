@@ -11,7 +11,8 @@ Zero strength = the setting at which the paper's method is its base method:
   dom_re tau 0 (every natural loss is >= 0: nothing removed) and dom_da tau 0 (nothing
   flagged), both with update_bn false (their extra forward then leaves BatchNorm alone;
   with update_bn true it updates BatchNorm as the reference does, a real difference), and
-  cure percent 0, gamma 0, beta = the suite's TRADES beta, no warm start.
+  cure percent 0, gamma 0, beta = the suite's TRADES beta, no warm start and no clean
+  phase (clean_fraction 0).
 No zero strength: aroid and idbh own the augmentation slot and replace the suite's
 augmentation with their own recipe; no setting gives back the suite's flip (their draws
 come from their own streams, not the data stream).
@@ -35,7 +36,7 @@ def spec(name: str, **params) -> DefenseSpec:
 def cases(trades_beta: float) -> list[tuple[str, DefenseSpec, DefenseSpec]]:
     """(method, zero, real): `real` must change training on the smoke suite."""
     dom = {"warmup": 0.0, "update_bn": False}
-    cure = {"warm_start": False}
+    cure = {"warm_start": False, "clean_fraction": 0.0}
     return [
         ("at", spec("awp", gamma=0.0, warmup=0.0), spec("awp", gamma=0.05, warmup=0.0)),
         ("trades", spec("awp", gamma=0.0, warmup=0.0), spec("awp", gamma=0.05, warmup=0.0)),
