@@ -154,17 +154,18 @@ def test_sampling_follows_the_policy_and_its_generator():
 # --------------------------------------------------------------------------- diversity
 
 
-def test_band_penalty_is_zero_inside_the_band_and_grows_with_peakedness():
+def test_band_penalty_is_zero_inside_the_band_and_a_hand_computed_case():
     assert band_penalty(torch.zeros(4, 10), 0.1, 0.3) == 0
     assert band_penalty(0.01 * torch.randn(4, 10, generator=gen(0)), 0.1, 0.3) == 0
-    values = []
-    for height in (0.5, 2.0, 5.0):
-        peaked = torch.zeros(4, 10)
-        peaked[:, 3] = height
-        values.append(band_penalty(peaked, 0.1, 0.3).item())
-    assert 0 < values[0] < values[1] < values[2]
-    for seed in range(5):  # never negative (only-above or only-below cases included)
-        assert band_penalty(torch.randn(8, 16, generator=gen(seed)), 0.1, 0.3) >= 0
+    # p = (0.7, 0.3), band [0.45, 0.65]: +log 0.7 (above), -log 0.3 (below), 2 entries
+    two = torch.tensor([[0.7, 0.3]]).log()
+    torch.testing.assert_close(band_penalty(two, 0.1, 0.3),
+                               torch.tensor((math.log(0.7) - math.log(0.3)) / 2))
+    # two rows, 3 classes, band [0.3, 0.4333]: row 1 (0.5 above, 0.25 twice below), row 2
+    # inside: ONE count of 3 entries over the head (not mean above + mean below)
+    rows = torch.tensor([[0.5, 0.25, 0.25], [0.34, 0.33, 0.33]]).log()
+    expected = (math.log(0.5) - 2 * math.log(0.25)) / 3
+    torch.testing.assert_close(band_penalty(rows, 0.1, 0.3), torch.tensor(expected))
 
 
 def test_colour_penalty_is_hierarchical():
