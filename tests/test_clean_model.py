@@ -347,14 +347,16 @@ def test_each_recipe_trains_on_what_it_declares(tmp_path, smoke_suite, smoke_spl
     cache = tmp_path / "cache"
     trainer = Trainer(RunSpec("smoke", "at", (), 0), smoke_suite, smoke_splits, tmp_path / "r",
                       device=CPU, progress=False, clean_models_dir=cache)
-    state = trainer.build()
-    trainer.defenses = [default, plain]
-    for d in trainer.defenses:
-        d.bind_random_stream(0, CPU)
-    trainer._bind_defenses()
-    trainer.provide_clean_model(state)
-    for d in trainer.defenses:
-        d.seen.append(trainer.clean_model_for(d))
+
+    def build():
+        state = spying_build(trainer)
+        trainer.defenses = [default, plain]
+        for d in trainer.defenses:
+            d.bind_random_stream(0, CPU)
+        trainer._bind_defenses()
+        return state
+    trainer.build = build  # type: ignore[method-assign]
+    trainer.train(stop_after_epochs=1)  # each probe records what its setup saw
     entries = {how: service.cache_dir(cache, smoke_suite, 0, "fp32", how)
                for how in (service.DEFAULT_RECIPE, PlainProbe.clean_model_recipe)}
     assert sorted(p.name for p in cache.iterdir()) == sorted(e.name for e in entries.values())
