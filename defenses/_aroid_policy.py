@@ -7,6 +7,8 @@ CDF on uniforms from a given generator, the penalty's masks and counts stay tens
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,9 +126,11 @@ def band_penalty(logits: Tensor, lower: float, upper: float) -> Tensor:
     return total / count.clamp_min(1)
 
 
+@functools.lru_cache(maxsize=8)
 def _group_tables(groups: tuple[tuple[int, int], ...],
                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per class: its group's index and size; and the (G x classes) membership matrix."""
+    """Per class: its group's index and size; and the (G x classes) membership matrix
+    (made once per device)."""
     of = torch.tensor([g for g, (_, k) in enumerate(groups) for _ in range(k)], device=device)
     size = torch.tensor([k for _, k in groups for _ in range(k)], device=device)
     member = F.one_hot(of, len(groups)).T.float()
