@@ -140,14 +140,15 @@ def cost_document(suite: Suite, specs: list[RunSpec], blocks: list[list[float]],
     `standard` method, the clean model's price)."""
     base = base_index(specs)
     per_epoch = info["batches_per_epoch"] / (info["steps"] * info["phases"])
-    clean_share = suite.clean_model_epochs / suite.train.epochs
+    clean_epochs = info.get("clean_model_epochs", {})  # per row, its recipes' epochs
     rows = []
     for i, spec in enumerate(specs):
         seconds = []
         for times in blocks:
             own = times[i] * per_epoch
             if i in info["clean_model_rows"]:
-                own += times[-1] * per_epoch * clean_share
+                epochs = clean_epochs.get(str(i), suite.clean_model_epochs)
+                own += times[-1] * per_epoch * epochs / suite.train.epochs
             seconds.append(own)
         rows.append({"row": spec.row_name, "spec": spec.to_dict(),
                      "defense_params": info["defense_params"][i],

@@ -39,6 +39,9 @@ class RowProbe:
         self.batches = iter(self.trainer.loader)
         trainer, state = self.trainer, self.state
         self.uses_clean_model = any("clean_model" in d.capabilities for d in trainer.defenses)
+        # epochs of standard training the row's clean models cost (one per recipe)
+        self.clean_model_epochs = sum(how.epochs(suite) for how in dict.fromkeys(
+            d.clean_model_recipe for d in trainer.defenses if "clean_model" in d.capabilities))
         if self.uses_clean_model:
             state.clean_model = trainer._fresh_model().eval().requires_grad_(False)
         for defense in trainer.defenses:
@@ -102,6 +105,8 @@ def serve(payload: dict) -> None:
         info = {"batches_per_epoch": probes[0].state.batches_per_epoch,
                 "steps": probes[0].steps, "phases": len(phases),
                 "clean_model_rows": [i for i, p in enumerate(probes) if p.uses_clean_model],
+                "clean_model_epochs": {str(i): p.clean_model_epochs
+                                       for i, p in enumerate(probes) if p.uses_clean_model},
                 "defense_params": [{d.name: dict(d.hparams) for d in p.trainer.defenses}
                                    for p in probes],
                 "device": str(device), "threads": torch.get_num_threads()}

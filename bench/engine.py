@@ -5,10 +5,12 @@ The loop, as the pseudocode that documents the defense hooks (`defenses/base.py`
 ```
 check_run(method, suite)              when the run is planned, before any data: refuse
                                       settings that cannot run (ConfigError)
-state.clean_model                     clean_model capability, fresh runs only: the suite's
-                                      `standard` model for this seed, trained once and
-                                      cached (bench/clean_model.py); None on resume
-                                      and once setup has run
+state.clean_model                     clean_model capability, fresh runs only: a
+                                      `standard` model for this seed, trained once per
+                                      recipe the defense declares (clean_model_recipe)
+                                      and cached (bench/clean_model.py); each defense's
+                                      setup sees its own recipe's; None on resume, for
+                                      other defenses and once setup has run
 setup(state)                          build proxies, EMA, policy nets (may warm-start)
 for epoch:
     on_epoch_start(state)
@@ -159,6 +161,7 @@ class Trainer:
         self.clean_models_dir = Path(clean_models_dir or self.run_dir.parent / CLEAN_MODELS_DIR)
         self.label = f"train {spec.row_name} seed {spec.seed}"  # the progress bar's
         self.pretraining: list[dict] = []  # extra pretraining this run used (record)
+        self.clean_models: dict = {}  # clean-model recipe -> its model (fresh runs, setup)
         self.device = device or pick_device()
         self.progress = progress
         cuda = self.device.type == "cuda"
@@ -236,19 +239,29 @@ class Trainer:
         return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).split(".")[-1]
 
     def provide_clean_model(self, state: TrainState) -> None:
-        """Set `state.clean_model` (frozen, eval mode) for the defenses that ask for it,
-        from the cache or trained now, and note it as this run's extra pretraining.
-        Torch's global random state is left as it was (cached or not, same run)."""
-        users = [d.name for d in self.defenses if "clean_model" in d.capabilities]
-        if not users:
-            return
-        with preserved_global_rng(self.device):
-            made = obtain_clean_model(self.clean_models_dir, self.suite, self.spec.seed,
-                                      self.precision, self._train_clean_model, self.progress)
-            model = self._fresh_model()
-        model.load_state_dict(made.weights)
-        state.clean_model = model.eval().requires_grad_(False)
-        self.pretraining = [{**made.info, "for": users}]
+        """Make the clean model of every recipe the defenses with the capability declare
+        (from the cache or trained now; frozen, eval mode), note each as this run's extra
+        pretraining, and set `state.clean_model` to the first user's (see
+        `clean_model_for`). Torch's global random state is left as it was."""
+        users = [d for d in self.defenses if "clean_model" in d.capabilities]
+        self.clean_models, self.pretraining = {}, []
+        for how in dict.fromkeys(d.clean_model_recipe for d in users):
+            with preserved_global_rng(self.device):
+                made = obtain_clean_model(self.clean_models_dir, self.suite, self.spec.seed,
+                                          self.precision, self._train_clean_model,
+                                          self.progress, how)
+                model = self._fresh_model()
+            model.load_state_dict(made.weights)
+            self.clean_models[how] = model.eval().requires_grad_(False)
+            self.pretraining.append(
+                {**made.info, "for": [d.name for d in users if d.clean_model_recipe == how]})
+        state.clean_model = self.clean_model_for(users[0]) if users else None
+
+    def clean_model_for(self, defense: Defense) -> nn.Module | None:
+        """The clean model `defense` asked for (its recipe's), or None."""
+        if "clean_model" not in defense.capabilities:
+            return None
+        return self.clean_models.get(defense.clean_model_recipe)
 
     def _train_clean_model(self, folder: Path, suite: Suite) -> None:
         spec = RunSpec(suite.name, "standard", (), self.spec.seed)
@@ -371,8 +384,10 @@ class Trainer:
         if not resuming:
             self.provide_clean_model(state)
         for defense in self.defenses:
+            state.clean_model = self.clean_model_for(defense)  # its recipe's; None on resume
             self.guard.call(defense, "setup", state)  # proxies/EMA; a checkpoint's values win
         state.clean_model = None  # setup has used it; it is not kept around
+        self.clean_models = {}
         if resuming:
             history, best, seconds = self._restore(state, load_checkpoint(last_path))
         else:

@@ -27,11 +27,15 @@ CARD = DefenseCard(
         "vulnerability": "CE(f(PGD(x^))) - CE(f(x^)), PGD 2 steps of eps/4 from zero, "
                          "target in eval mode",
         "affinity": "max(0, CE(f_aff(x^)) - CE(f_aff(x))), f_aff trained on clean data "
-                    "without augmentation (reference: 40 epochs, lr decays at 20 and 30), "
-                    "same architecture as the target",
+                    "without augmentation (reference: 40 epochs, lr decays at 20 and 30; "
+                    "ours: 40/200 of the suite's epochs, decays at 50% and 75%), same "
+                    "architecture as the target",
         "lambda per lr stage (CIFAR-10, WRN-34-10 recipe)": [0.4, 0.2, 0.1],
         "diversity": {"beta_div": 0.8, "(l, u)": [0.1, 0.3],
-                      "colour head": "at the op level and within each op"},
+                      "normalisation": "one pooled count of out-of-band entries per head "
+                                       "(reference code)",
+                      "colour head": "at the op level and within each op, joint "
+                                     "log-probabilities at both levels (reference code)"},
         "REINFORCE": {"T (trajectories)": 8, "baseline": "per-image mean over T"},
         "policy update": {"every K iterations": 5, "batch": "fresh, separate sampler",
                           "optimizer": "SGD lr 1e-3, momentum 0.9, no weight decay",
@@ -49,15 +53,22 @@ CARD = DefenseCard(
         "cost": "about +40-50% over PGD-AT (spec)",
         "combinations": "AT+AROID+AWP is reported in the paper",
     },
-    extra_data=("the affinity model: a model of the suite's architecture trained on clean "
-                "data (the suite's `standard` method, same seed; the engine's clean-model "
-                "service trains it once and caches it); its cost is charged to the row"),
+    extra_data=("the affinity model: a model of the suite's architecture trained on clean, "
+                "un-augmented data (the `standard` method, same seed, 40/200 of the suite's "
+                "epochs with lr decays at 50% and 75%; the engine's clean-model service "
+                "trains it once per recipe and caches it); its cost is charged to the row"),
     notes=("Replaces the suite's augmentation of each training batch (raw_batch) with the "
            "policy's per-image choice, applied with batched on-device ops; the suite's attack "
            "is used for the vulnerability reward with explicit overrides (2 steps, eps/4, no "
            "random start, eval-mode BatchNorm). Overhead per batch: one policy forward; every "
            "K batches one update: T x (2-step PGD + 2 target forwards + 1 affinity forward) "
-           "+ 1 affinity forward + a policy forward/backward. Only the target is evaluated."),
+           "+ 1 affinity forward + a policy forward/backward. Only the target is evaluated. "
+           "Follows the authors' code where it and the paper's prose differ: the diversity "
+           "term pools one count per head and uses joint log-probabilities within an op "
+           "(the prose reads as a mean above plus a mean below). The affinity model trains "
+           "for 40/200 of the suite's epochs (40, as the reference, on 200-epoch suites), "
+           "without augmentation. Differences and the published protocol: "
+           "docs/defenses/aroid.md."),
 )
 
 

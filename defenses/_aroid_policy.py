@@ -1,5 +1,5 @@
-"""AROID's policy network, its sampling, the hierarchical diversity penalty and the
-REINFORCE objective with a per-image baseline (as in the paper).
+"""AROID's policy network, its sampling, the hierarchical diversity penalty (the
+reference code's formula) and the REINFORCE objective with a per-image baseline.
 
 Everything here runs on the device without host synchronisation: sampling is an inverse
 CDF on uniforms from a given generator, the penalty's masks and counts stay tensors.
@@ -7,7 +7,7 @@ CDF on uniforms from a given generator, the penalty's masks and counts stay tens
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -95,53 +95,68 @@ def reinforce_loss(logprob: Tensor, rewards: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- diversity
+#
+# The reference's diversity term (the authors' released code, which the paper's prose
+# summarises): per head, every probability outside the band [(1 - l)/N, (1 + u)/N]
+# contributes its log-probability, + above the band and - below it, and the head's sum is
+# divided by ONE count of the contributing entries (not a mean above plus a mean below).
+# The colour/shape head does this at two levels with the JOINT log-probabilities of its
+# 108 classes: an op whose total probability leaves the op band [(1 - l)/G, (1 + u)/G]
+# contributes the log-probabilities of all its classes (counted once each), and within an
+# op with more than one magnitude each class whose probability given the op leaves
+# [(1 - l)/k, (1 + u)/k] contributes its joint log-probability once more; one pooled count
+# over both levels. The count is a constant of the graph (no gradient flows through it);
+# a head with nothing outside its band contributes 0.
 
-_Parts = list[tuple[Tensor, Tensor, Tensor, Tensor]]
 
-
-def _band_parts(logp: Tensor, n: int, lower: float, upper: float) -> tuple[Tensor, ...]:
-    """Per entry of an n-class log-probability tensor: how far log p lies above the band's
-    top log((1 + u)/n) and below its bottom log((1 - l)/n), and the masks of those
-    entries (outside the band)."""
-    top, bottom = math.log((1 + upper) / n), math.log((1 - lower) / n)
-    above, below = logp > top, logp < bottom
-    return (torch.where(above, logp - top, 0.0), above,
-            torch.where(below, bottom - logp, 0.0), below)
-
-
-def _reduce(parts: _Parts) -> Tensor:
-    """mean over the above-band entries + mean over the below-band entries (each 0 when
-    there are none)."""
-    above = sum(p[0].sum() for p in parts)
-    n_above = sum(p[1].sum() for p in parts)
-    below = sum(p[2].sum() for p in parts)
-    n_below = sum(p[3].sum() for p in parts)
-    return above / n_above.clamp_min(1) + below / n_below.clamp_min(1)  # type: ignore[union-attr]
+def _signed_sum(logp: Tensor, above: Tensor, below: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of logp over `above` minus over `below`, number of entries in either)."""
+    total = torch.where(above, logp, 0.0).sum() - torch.where(below, logp, 0.0).sum()
+    return total, above.sum() + below.sum()
 
 
 def band_penalty(logits: Tensor, lower: float, upper: float) -> Tensor:
-    """The diversity penalty of one flat head (rows = images): mean of log p over the
-    classes above [(1 - l)/N, (1 + u)/N] minus mean of log p over those below, shifted by
-    the band's log-bounds so that it is >= 0 and exactly 0 when every probability is inside
-    the band (the shift is a constant: the gradient is the spec's)."""
+    """The diversity penalty of one flat head (rows = images, N classes): the sum of log p
+    over the entries above (1 + u)/N minus the sum over those below (1 - l)/N, divided by
+    how many entries are outside the band (0 when none)."""
     n = logits.shape[1]
-    return _reduce([_band_parts(F.log_softmax(logits.float(), 1), n, lower, upper)])
+    logp = F.log_softmax(logits.float(), 1)
+    p = logp.exp()
+    total, count = _signed_sum(logp, p > (1 + upper) / n, p < (1 - lower) / n)
+    return total / count.clamp_min(1)
+
+
+@functools.lru_cache(maxsize=8)
+def _group_tables(groups: tuple[tuple[int, int], ...],
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class: its group's index and size; and the (G x classes) membership matrix
+    (made once per device)."""
+    of = torch.tensor([g for g, (_, k) in enumerate(groups) for _ in range(k)], device=device)
+    size = torch.tensor([k for _, k in groups for _ in range(k)], device=device)
+    member = F.one_hot(of, len(groups)).T.float()
+    return of, size, member
 
 
 def colour_penalty(logits: Tensor, lower: float, upper: float,
                    groups: tuple[tuple[int, int], ...] = COLOUR.groups) -> Tensor:
-    """The hierarchical penalty of the colour/shape head: the band penalty of the op
-    distribution (each op's summed probability, N = number of ops) averaged with the band
-    penalty of the magnitude distributions within each op (p(magnitude | op), N = that op's
-    magnitudes, pooled over the ops that have more than one)."""
+    """The hierarchical penalty of the colour/shape head (class c belongs to op g(c) of
+    size k(c), G ops): with joint log-probabilities log p_c,
+      + log p_c where p(op g(c)) > (1 + u)/G,  - log p_c where p(op g(c)) < (1 - l)/G,
+      + log p_c where k(c) > 1 and p(c | op) > (1 + u)/k(c),  - log p_c where < (1 - l)/k(c),
+    summed over images and classes and divided by the number of (image, class, level)
+    terms that fired (0 when none)."""
     logp = F.log_softmax(logits.float(), 1)
-    op_logp = torch.stack([logp[:, s:s + k].logsumexp(1) for s, k in groups], 1)
-    op_term = _reduce([_band_parts(op_logp, len(groups), lower, upper)])
-    within = [_band_parts(F.log_softmax(logits[:, s:s + k].float(), 1), k, lower, upper)
-              for s, k in groups if k > 1]
-    if not within:
-        return op_term
-    return (op_term + _reduce(within)) / 2
+    p = logp.exp()
+    of, size, member = _group_tables(groups, logits.device)
+    n_ops = len(groups)
+    op_mass = (p @ member.T)[:, of]  # each class's op probability, N x classes
+    op_sum, op_count = _signed_sum(logp, op_mass > (1 + upper) / n_ops,
+                                   op_mass < (1 - lower) / n_ops)
+    within = p / op_mass  # p(c | op)
+    multi = size > 1
+    in_sum, in_count = _signed_sum(logp, multi & (within > (1 + upper) / size),
+                                   multi & (within < (1 - lower) / size))
+    return (op_sum + in_sum) / (op_count + in_count).clamp_min(1)
 
 
 def diversity_penalty(logits: dict[str, Tensor], lower: float, upper: float) -> Tensor:

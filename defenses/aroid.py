@@ -1,5 +1,6 @@
 """AROID (Li, Qiu & Spratling, "AROID: Improving Adversarial Robustness Through Online
-Instance-Wise Data Augmentation", IJCV 2024).
+Instance-Wise Data Augmentation", IJCV 2024). The algorithm, its hyperparameters, every
+known difference from the authors' code and the published numbers: docs/defenses/aroid.md.
 
 A policy network looks at each clean training image and picks, per image, one class of each
 of four augmentation heads (flip, CropShift, a colour/shape op with its magnitude, erasing;
@@ -9,7 +10,8 @@ policy is learned online so that its augmentations are hard for the current targ
 
   r_vul = CE(f(rho(x^)), y) - CE(f(x^), y)       rho: PGD, 2 steps of eps/4 from zero, f in
                                                  eval mode (the suite's attack, overridden)
-  r_aff = max(0, CE(f_aff(x^), y) - CE(f_aff(x), y))   f_aff: the clean model, eval mode
+  r_aff = max(0, CE(f_aff(x^), y) - CE(f_aff(x), y))   f_aff: the clean model, eval mode,
+                                                 of AFFINITY_RECIPE (no augmentation)
   R = r_vul - lambda_stage * r_aff               lambda per learning-rate stage
   L = -mean(log pi(a|x) * (R - mean_T R)) + beta_div * L_div   T trajectories per image
 
@@ -29,8 +31,11 @@ Engine-specific choices:
   trajectory on the policy batch (T calls of the attack, as the reference).
 - Sampling is an inverse CDF on the defense's own stream, which also draws what is left
   random within a class (CropShift's split and offsets, signs, erased boxes).
-- The diversity penalty is the spec's, shifted by the band's log-bounds (>= 0, 0 inside
-  the band, same gradient); the colour head averages its op-level and within-op terms.
+- The diversity penalty is the reference code's (`_aroid_policy.py`): one pooled count
+  per head, joint log-probabilities at both levels of the colour head.
+- The affinity model is the engine's clean model under AFFINITY_RECIPE: standard training
+  without augmentation for 40/200 of the suite's epochs (at least 1; 40 on the 200-epoch
+  suites, as the reference), lr decays at 50% and 75% of them (20 and 30 of 40).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.clean_model import CleanRecipe
 from bench.config import ConfigError, ModelConfig
 from bench.models import build_model, list_models
 from bench.state import TrainState, seeded_global_rng
@@ -58,6 +64,9 @@ from defenses._aroid_space import apply_actions, max_crop_shift
 from defenses.base import Defense, register_defense
 
 GRAD_CLIP, POLICY_MOMENTUM = 1.0, 0.9
+#: the affinity model's training: the reference's 40 epochs of a 200-epoch budget, no
+#: augmentation, lr decays at epochs 20 and 30 (scaled with the suite's epochs)
+AFFINITY_RECIPE = CleanRecipe(augment="none", epoch_share=40 / 200, milestones=(0.5, 0.75))
 
 
 @register_defense("aroid")
@@ -72,6 +81,7 @@ class AROID(Defense):
     methods = ("at",)
     slots = ("augmentation",)
     capabilities = ("raw_batch", "clean_model")
+    clean_model_recipe = AFFINITY_RECIPE
 
     def __init__(self, backbone: str = "preact_resnet18", trajectories: int = 8,
                  update_every: int = 5, warmup_epochs: int = 5,

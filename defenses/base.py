@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from bench.clean_model import DEFAULT_RECIPE, CleanRecipe
 from bench.config import ConfigError, Suite
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ class Defense(nn.Module):
         and cached by the engine, in `state.clean_model` during `setup` of a fresh run;
         the record declares it as extra pretraining, with its cost). An instance may
         narrow its class's list in `__init__` (a switched-off option needs nothing).
+      clean_model_recipe: how that clean model is trained (`bench.clean_model.CleanRecipe`:
+        augmentation, share of the suite's epochs, lr decays); the default is the suite's
+        own standard training. Each recipe gets its own cache entry; each defense sees the
+        model of its own recipe.
     """
 
     name: ClassVar[str] = ""
@@ -86,6 +91,7 @@ class Defense(nn.Module):
     slots: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[tuple[str, ...]] = ()
     extra_models: ClassVar[tuple[str, ...]] = ()
+    clean_model_recipe: ClassVar[CleanRecipe] = DEFAULT_RECIPE
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()

@@ -5,11 +5,14 @@ shared invariants (resume, composition with AT and AWP, eval_models, slot confli
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import with_train
 from invariants import (
     assert_same_state,
@@ -22,7 +25,8 @@ from invariants import (
 from torch import nn
 
 import defenses.aroid as aroid_module
-from bench.config import ConfigError, DefenseSpec, RunSpec
+from bench.clean_model import CleanRecipe, cache_dir
+from bench.config import ConfigError, DefenseSpec, RunSpec, load_suite
 from bench.engine import Trainer, collect_eval_models, to_float
 from bench.records import load_checkpoint, read_history
 from defenses import augment_ops as A
@@ -154,17 +158,18 @@ def test_sampling_follows_the_policy_and_its_generator():
 # --------------------------------------------------------------------------- diversity
 
 
-def test_band_penalty_is_zero_inside_the_band_and_grows_with_peakedness():
+def test_band_penalty_is_zero_inside_the_band_and_a_hand_computed_case():
     assert band_penalty(torch.zeros(4, 10), 0.1, 0.3) == 0
     assert band_penalty(0.01 * torch.randn(4, 10, generator=gen(0)), 0.1, 0.3) == 0
-    values = []
-    for height in (0.5, 2.0, 5.0):
-        peaked = torch.zeros(4, 10)
-        peaked[:, 3] = height
-        values.append(band_penalty(peaked, 0.1, 0.3).item())
-    assert 0 < values[0] < values[1] < values[2]
-    for seed in range(5):  # never negative (only-above or only-below cases included)
-        assert band_penalty(torch.randn(8, 16, generator=gen(seed)), 0.1, 0.3) >= 0
+    # p = (0.7, 0.3), band [0.45, 0.65]: +log 0.7 (above), -log 0.3 (below), 2 entries
+    two = torch.tensor([[0.7, 0.3]]).log()
+    torch.testing.assert_close(band_penalty(two, 0.1, 0.3),
+                               torch.tensor((math.log(0.7) - math.log(0.3)) / 2))
+    # two rows, 3 classes, band [0.3, 0.4333]: row 1 (0.5 above, 0.25 twice below), row 2
+    # inside: ONE count of 3 entries over the head (not mean above + mean below)
+    rows = torch.tensor([[0.5, 0.25, 0.25], [0.34, 0.33, 0.33]]).log()
+    expected = (math.log(0.5) - 2 * math.log(0.25)) / 3
+    torch.testing.assert_close(band_penalty(rows, 0.1, 0.3), torch.tensor(expected))
 
 
 def test_colour_penalty_is_hierarchical():
@@ -183,6 +188,71 @@ def test_colour_penalty_is_hierarchical():
     assert diversity_penalty(uniform, 0.1, 0.3).abs() < 1e-6
     peaked = {**uniform, "crop": torch.tensor([[4.0] + [0.0] * 15]).expand(2, 16)}
     assert diversity_penalty(peaked, 0.1, 0.3) > 0
+
+
+# The reference's diversity term re-derived with plain loops (one image, one class at a
+# time), independently of the vectorised code: +log p above the band, -log p below, one
+# pooled count per head; the colour head with JOINT log-probabilities at the op level
+# (every class of an op outside the op band, counted once each) and within each op of
+# several magnitudes (the class's probability given its op outside that op's band).
+
+
+def _loop_flat(logits: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    total, count = torch.zeros(()), 0
+    n = logits.shape[1]
+    for row in logits:
+        logp = row - torch.logsumexp(row, 0)
+        for c in range(n):
+            prob = math.exp(logp[c].item())
+            if prob > (1 + upper) / n:
+                total, count = total + logp[c], count + 1
+            elif prob < (1 - lower) / n:
+                total, count = total - logp[c], count + 1
+    return total / count if count else total
+
+
+def _loop_colour(logits: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    total, count = torch.zeros(()), 0
+    n_ops = len(COLOUR.groups)
+    for row in logits:
+        logp = row - torch.logsumexp(row, 0)
+        for start, k in COLOUR.groups:
+            classes = range(start, start + k)
+            mass = sum(math.exp(logp[c].item()) for c in classes)
+            for c in classes:
+                if mass > (1 + upper) / n_ops:
+                    total, count = total + logp[c], count + 1
+                elif mass < (1 - lower) / n_ops:
+                    total, count = total - logp[c], count + 1
+                if k > 1:
+                    given_op = math.exp(logp[c].item()) / mass
+                    if given_op > (1 + upper) / k:
+                        total, count = total + logp[c], count + 1
+                    elif given_op < (1 - lower) / k:
+                        total, count = total - logp[c], count + 1
+    return total / count if count else total
+
+
+@pytest.mark.parametrize(("scale", "lower", "upper"), [(1.0, 0.1, 0.3), (3.0, 0.1, 0.3),
+                                                       (0.3, 0.2, 0.5), (2.0, 0.5, 2.0)])
+def test_diversity_matches_a_loop_re_derivation_values_and_gradients(scale, lower, upper):
+    g = gen(int(scale * 10))
+    logits = {name: (scale * torch.randn(3, n, generator=g)).requires_grad_(True)
+              for name, n in HEADS.items()}
+    ours = diversity_penalty(logits, lower, upper)
+    ours_grads = torch.autograd.grad(ours, list(logits.values()))
+    copies = {name: t.detach().clone().requires_grad_(True) for name, t in logits.items()}
+    expected = torch.stack([_loop_colour(t, lower, upper) if name == "colour"
+                            else _loop_flat(t, lower, upper)
+                            for name, t in copies.items()]).mean()
+    expected_grads = torch.autograd.grad(expected, list(copies.values()))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(logits, ours_grads, expected_grads):
+        assert b.abs().sum() > 0, name  # every head has entries outside its band
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+    colour = copies["colour"]
+    torch.testing.assert_close(colour_penalty(colour, lower, upper),
+                               _loop_colour(colour, lower, upper), rtol=1e-5, atol=1e-6)
 
 
 def test_descending_the_penalty_flattens_a_peaked_head():
@@ -267,6 +337,91 @@ def _built(tmp_path, suite, splits, defense_spec: DefenseSpec) -> tuple[Trainer,
     return trainer, state
 
 
+def _scripted_update(tmp_path, suite, splits, lr: float = 1e-3, lam: float = 0.4):
+    """One `update_policy` with its rewards scripted from the sampled actions (spies on
+    the sampler and the batch; the target and affinity models are stubbed): r_vul =
+    [flip] + crop/15, affinity CE 2 [erase] on x^ and 0.5 on x (so r_aff is 1.5 or 0 after
+    the clamp). Returns the policy before, after, the batch and the sampled actions."""
+    trainer, state = _built(tmp_path, suite, splits, spec(lambdas=lam, beta_div=0.0,
+                                                          trajectories=4, policy_lr=lr))
+    (aroid,) = trainer.defenses
+    before = copy.deepcopy(aroid.policy)
+    drawn, sampled = [], []
+    draw, sample = state.draw_batch, aroid_module.sample_actions
+
+    def spy_draw(augment=True):
+        out = draw(augment=augment)
+        drawn.append(out)
+        return out
+
+    def spy_sample(logits, generator):
+        out = sample(logits, generator)
+        sampled.append(out)
+        return out
+
+    def vulnerability(state, x_aug, y):
+        a = sampled[-1]
+        return (a["flip"] == 1).float() + a["crop"].float() / 15
+
+    def affinity(state, x, y):
+        if len(sampled) == 0:  # the clean batch, before any trajectory
+            return torch.full((len(y),), 0.5)
+        return 2.0 * (sampled[-1]["erase"] > 0).float()
+
+    state.draw_batch = spy_draw
+    aroid._vulnerability, aroid._affinity_loss = vulnerability, affinity
+    aroid_module.sample_actions = spy_sample
+    try:
+        aroid.update_policy(state)
+    finally:
+        aroid_module.sample_actions = sample
+    (batch,) = drawn
+    return before, aroid.policy, batch[0], sampled
+
+
+def test_policy_update_is_the_reinforce_step_of_the_reference_formula(tmp_path, smoke_suite,
+                                                                     smoke_splits):
+    """The policy moves by one SGD step (lr, gradient norm clipped to 1) along the gradient
+    of -mean_{i,t} log pi(a_it | x_i) (R_it - mean_t R_it), R = r_vul - lambda r_aff,
+    re-derived here from the sampled actions and scripted rewards."""
+    lam, lr = 0.4, 1e-3
+    before, after, x, sampled = _scripted_update(tmp_path, smoke_suite, smoke_splits, lr, lam)
+    assert len(sampled) == 4
+    logits = before.train()(x)
+    total = torch.zeros(())
+    n = len(x)
+    rewards = []
+    for a in sampled:
+        r_vul = (a["flip"] == 1).float() + a["crop"].float() / 15
+        r_aff = torch.clamp(2.0 * (a["erase"] > 0).float() - 0.5, min=0.0)
+        rewards.append(r_vul - lam * r_aff)
+    baseline = sum(rewards) / len(rewards)
+    for a, r in zip(sampled, rewards):
+        for i in range(n):
+            logp = sum(F.log_softmax(logits[h][i], 0)[a[h][i]] for h in HEADS)
+            total = total - logp * (r[i] - baseline[i]).item()
+    loss = total / (n * len(sampled))
+    params = [p for p in before.parameters()]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    scale = min(1.0, 1.0 / (norm.item() + 1e-6))
+    for (name, p), g, q in zip(before.named_parameters(), grads, after.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach() - lr * scale * g, rtol=1e-4,
+                                   atol=1e-7, msg=name)
+
+
+def test_one_policy_step_favours_the_more_vulnerable_augmentation(tmp_path, smoke_suite,
+                                                                 smoke_splits):
+    """Flipped images are scripted as more vulnerable, erased ones as less affine: one
+    step raises p(flip) and lowers p(erase) on the policy batch."""
+    before, after, x, _ = _scripted_update(tmp_path, smoke_suite, smoke_splits, lr=0.5)
+    with torch.no_grad():
+        old, new = before.train()(x), after.train()(x)
+    assert new["flip"].softmax(1)[:, 1].mean() > old["flip"].softmax(1)[:, 1].mean() + 0.01
+    assert new["erase"].softmax(1)[:, 0].mean() > old["erase"].softmax(1)[:, 0].mean()
+
+
 def test_warm_up_leaves_the_raw_batch_unchanged(tmp_path, smoke_suite, smoke_splits):
     trainer, state = _built(tmp_path, smoke_suite, smoke_splits,
                             spec(warmup_epochs=1, lambdas=0.0))
@@ -330,10 +485,26 @@ def test_policy_update_touches_only_the_policy(tmp_path, smoke_suite, smoke_spli
         {"steps": 2, "step_size": eps / 4, "random_start": False, "attack_bn": "eval"}]
 
 
-def test_affinity_model_is_the_clean_model(tmp_path, smoke_suite, smoke_splits):
+def test_affinity_model_is_the_clean_model_without_augmentation(tmp_path, smoke_suite,
+                                                                 smoke_splits):
+    """The reference's affinity model: standard training with no augmentation for 40
+    epochs, lr decays at 20 and 30 (on a 200-epoch suite; 40/200 of a shorter one)."""
+    paper = load_suite("cifar10-linf")
+    trained = AROID().clean_model_recipe.suite_for(paper)
+    assert (trained.train.epochs, trained.data.augment, trained.train.schedule) == (
+        40, "none", "piecewise")
+    assert [m * 40 for m in trained.train.milestones] == [20, 30]
+    assert paper.data.augment == "crop_flip" and smoke_suite.data.augment == "flip"
     trainer, state = _built(tmp_path / "run", smoke_suite, smoke_splits, spec())
     (aroid,) = trainer.defenses
-    cached = load_checkpoint(next((tmp_path / "_clean_models").iterdir()) / "model.pt")["model"]
+    (entry,) = (tmp_path / "_clean_models").iterdir()
+    assert entry == cache_dir(tmp_path / "_clean_models", smoke_suite, 0, "fp32",
+                              CleanRecipe(augment="none", epoch_share=0.2,
+                                          milestones=(0.5, 0.75)))
+    (facts,) = trainer.pretraining
+    assert facts["recipe"]["augment"] == "none" and facts["epochs"] == 1  # round(0.4) -> 1
+    assert facts["seconds"] > 0 and "augment none" in facts["what"]
+    cached = load_checkpoint(entry / "model.pt")["model"]
     assert_same_state(aroid.affinity.state_dict(), cached)
     assert aroid.affinity_is_clean and not any(p.requires_grad
                                                for p in aroid.affinity.parameters())
@@ -452,7 +623,10 @@ def test_card_and_defaults_are_the_published_recipe():
     card = AROID.card
     assert card.paper.startswith("Li, Qiu & Spratling. AROID") and card.venue == "IJCV 2024"
     assert "2306.07197" in card.link and card.reference_code.endswith("TreeLLi/AROID")
-    assert "clean data" in card.extra_data and card.published and card.hyperparameters
+    assert "un-augmented data" in card.extra_data and card.published and card.hyperparameters
+    assert "docs/defenses/aroid.md" in aroid_module.__doc__ and "aroid.md" in card.notes
+    doc = (Path(__file__).parents[1] / "docs" / "defenses" / "aroid.md").read_text()
+    assert doc.startswith("# AROID") and "## Differences from the authors' code" in doc
     assert aroid_module.__doc__.startswith("AROID (Li, Qiu & Spratling")
     assert AROID.__doc__.startswith("AROID (Li, Qiu & Spratling")
     d = AROID()

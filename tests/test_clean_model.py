@@ -284,3 +284,98 @@ def test_the_clean_model_budget_is_an_optional_suite_field(smoke_suite):
             parse_suite(text + f"[clean_model]\nepochs = {bad}\n", "s", "t")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lr'\]"):
         parse_suite(text + "[clean_model]\nlr = 0.1\n", "s", "t")
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_recipes_resolve_on_the_suite_and_get_their_own_cache_entries(smoke_suite, tmp_path):
+    """A defense's recipe (augmentation, share of the epochs, lr decays) is part of the
+    key; the default recipe keeps the key it had before recipes existed."""
+    from bench.config import load_suite
+
+    def key(how=service.DEFAULT_RECIPE, suite=smoke_suite):
+        return service.cache_key(suite, 0, "fp32", how)
+
+    legacy = {"format": service.FORMAT, "suite": "smoke", "protocol": smoke_suite.protocol_hash,
+              "model": {"name": "small_cnn", "kwargs": smoke_suite.model.kwargs}, "seed": 0,
+              "recipe": {"method": "standard", "epochs": 2, "precision": "fp32"}}
+    import hashlib
+    assert key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
+    recipes = [service.CleanRecipe(augment="none"), service.CleanRecipe(epoch_share=0.5),
+               service.CleanRecipe(milestones=(0.5, 0.75)),
+               service.CleanRecipe(augment="none", epoch_share=0.2, milestones=(0.5, 0.75))]
+    keys = [key(), *(key(r) for r in recipes)]
+    assert len(set(keys)) == len(keys)
+    assert key(service.CleanRecipe(augment="none")) == keys[1]  # equal recipes share
+    # 40/200 of a 200-epoch suite, no augmentation, decays at epochs 20 and 30
+    paper = load_suite("cifar10-linf")
+    trained = recipes[-1].suite_for(paper)
+    assert trained.train.epochs == 40 and trained.data.augment == "none"
+    assert [m * trained.train.epochs for m in trained.train.milestones] == [20, 30]
+    assert trained.train.lr == paper.train.lr and paper.data.augment == "crop_flip"
+    assert recipes[-1].epochs(smoke_suite) == 1  # round(0.4), at least one epoch
+    assert service.DEFAULT_RECIPE.suite_for(paper) == service.clean_suite(paper)
+    for bad in ({"augment": "mixup"}, {"epoch_share": 0}, {"milestones": (0.5, 1.0)}):
+        with pytest.raises(ConfigError, match="clean-model recipe"):
+            service.CleanRecipe(**bad)
+
+
+class PlainProbe(WarmProbe):
+    name = "plain_probe"
+    clean_model_recipe = service.CleanRecipe(augment="none", epoch_share=0.5)
+
+
+def test_each_recipe_trains_on_what_it_declares(tmp_path, smoke_suite, smoke_splits,
+                                                monkeypatch):
+    """Two defenses, two recipes: each entry is trained once, each defense gets its own
+    model, and the no-augmentation model's training batches are raw training images bit
+    for bit (a spy on the network's input), while the suite's flip shows in the other's."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    original_build = Trainer.build
+
+    def spying_build(self):
+        state = original_build(self)
+        if self.spec.method == "standard":
+            rows = seen.setdefault(self.run_dir.parent.name, [])
+            self.model.register_forward_pre_hook(
+                lambda module, args: rows.append(args[0].detach().clone())
+                if module.training else None)
+        return state
+    monkeypatch.setattr(Trainer, "build", spying_build)
+    default, plain = WarmProbe(), PlainProbe()
+    cache = tmp_path / "cache"
+    trainer = Trainer(RunSpec("smoke", "at", (), 0), smoke_suite, smoke_splits, tmp_path / "r",
+                      device=CPU, progress=False, clean_models_dir=cache)
+
+    def build():
+        state = spying_build(trainer)
+        trainer.defenses = [default, plain]
+        for d in trainer.defenses:
+            d.bind_random_stream(0, CPU)
+        trainer._bind_defenses()
+        return state
+    trainer.build = build  # type: ignore[method-assign]
+    trainer.train(stop_after_epochs=1)  # each probe records what its setup saw
+    entries = {how: service.cache_dir(cache, smoke_suite, 0, "fp32", how)
+               for how in (service.DEFAULT_RECIPE, PlainProbe.clean_model_recipe)}
+    assert sorted(p.name for p in cache.iterdir()) == sorted(e.name for e in entries.values())
+    for probe in (default, plain):
+        saved = load_checkpoint(entries[probe.clean_model_recipe] / "model.pt")["model"]
+        assert_same_state(saved, probe.received.state_dict())
+    facts = {e["for"][0]: e for e in trainer.pretraining}
+    assert facts["plain_probe"]["recipe"]["augment"] == "none"
+    assert facts["plain_probe"]["epochs"] == 1 and facts["warm_probe"]["epochs"] == 2
+    assert facts["plain_probe"]["seconds"] > 0 and facts["plain_probe"]["forward_passes"] > 0
+    raw = smoke_splits.train.x.float().div(255).flatten(1)
+
+    def is_raw(rows: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat(rows).contiguous().flatten(1)
+        return (flat[:, None, :] == raw[None]).all(2).any(1)
+
+    batches = len(smoke_splits.train.y) // smoke_suite.train.batch_size
+    no_aug = seen[entries[PlainProbe.clean_model_recipe].name]
+    flipped = seen[entries[service.DEFAULT_RECIPE].name]
+    assert len(no_aug) == batches and len(flipped) == 2 * batches
+    assert is_raw(no_aug).all()
+    assert not is_raw(flipped).all() and is_raw(flipped).any()  # the control: flip shows

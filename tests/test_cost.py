@@ -41,6 +41,10 @@ def test_ratios_are_medians_of_per_round_ratios_with_the_clean_model_charged():
     assert rows["TRADES"]["ratio"] == pytest.approx(1.2)
     assert rows["TRADES+CURE"]["ratio"] == pytest.approx(2.0 + 0.5 * clean)
     assert rows["AT"]["seconds_per_epoch"] == pytest.approx(2.0 * per_epoch)
+    # a row whose clean model has its own recipe is charged that recipe's epochs
+    short = cost_document(suite, _specs(), blocks, {**info, "clean_model_epochs": {"3": 1}},
+                          rounds=3)
+    assert short["rows"][3]["ratio"] == pytest.approx(2.0 + 0.5 * 1 / suite.train.epochs)
     assert doc["format"] == FORMAT and doc["protocol_hash"] == suite.protocol_hash
 
 
