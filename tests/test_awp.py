@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import with_train
+from invariants import (
+    check_resume_equals_uninterrupted,
+    check_weights_clean_outside_update,
+    check_zero_strength_is_plain,
+)
 
 from bench.config import DefenseSpec, RunSpec
 from bench.engine import Trainer
@@ -40,8 +47,6 @@ def test_gamma_zero_is_exactly_zero():
 
 
 def test_bad_parameters_are_refused():
-    import pytest
-
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         AWP(gamma=-1.0, warmup=0.0)
     with pytest.raises(ValueError, match="fraction of training"):
@@ -152,3 +157,25 @@ def test_awp_forwards_leave_batchnorm_statistics_to_the_training_forward(
     before = dict(seen["model"].named_buffers())
     tracked = [n for n in found if n.endswith("num_batches_tracked")]
     assert tracked and all(found[n] == before[n] + 1 for n in tracked)
+
+
+# ---- the shared invariants ------------------------------------------------------------
+def awp_spec(gamma: float) -> DefenseSpec:
+    return DefenseSpec("awp", (("gamma", gamma), ("warmup", 0.0)))
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_zero_strength_awp_is_plain_method_bit_for_bit(tmp_path, smoke_suite, smoke_splits,
+                                                      method):
+    check_zero_strength_is_plain(tmp_path, smoke_suite, smoke_splits, method,
+                                 zero=awp_spec(0.0), real=awp_spec(GAMMA))
+
+
+def test_awp_weights_clean_outside_update(tmp_path, smoke_suite, smoke_splits):
+    check_weights_clean_outside_update(tmp_path, smoke_suite, smoke_splits,
+                                       AWP(gamma=GAMMA, warmup=0.0), method="at")
+
+
+def test_awp_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits):
+    check_resume_equals_uninterrupted(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits,
+                                      "at", (awp_spec(GAMMA),))
