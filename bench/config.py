@@ -80,6 +80,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up of the learning rate (piecewise)
     cyclic_peak: float = 0.4  # fraction of training at which the cyclic lr peaks
+    # [base, max]: cycle the SGD momentum against the cyclic lr, as torch's CyclicLR does
+    # with cycle_momentum (max at lr 0, base at the lr peak); empty = constant `momentum`
+    cyclic_momentum: tuple[float, ...] = ()
     eps: float = 8 / 255
     eps_ramp_epochs: float = 0.0  # linear epsilon ramp (SVHN)
     attack_steps: int = 10
@@ -124,7 +127,8 @@ class ResourcesConfig:
 HASH_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (("curves", "fgsm"),
                                                      ("data", "injected_feature"),
                                                      ("clean_model", "epochs"),
-                                                     ("eval", "square_queries"))
+                                                     ("eval", "square_queries"),
+                                                     ("train", "cyclic_momentum"))
 HASH_OPTIONAL_SECTIONS: tuple[str, ...] = ("clean_model",)
 # Suite fields that never enter the protocol hash (see Suite.protocol_hash).
 NOT_HASHED: tuple[str, ...] = ("description", "defense_overrides", "source_hash", "methods",
@@ -256,6 +260,26 @@ def _build(cls, values: dict, where: str, fractions: tuple[str, ...] = ()):
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def _check_cyclic_momentum(train: TrainConfig, where: str) -> None:
+    """`cyclic_momentum = [base, max]`: two numbers, 0 <= base <= max < 1, only with the
+    cyclic schedule, and `momentum` (the value at lr 0, where the cycle starts) = max."""
+    cyc = train.cyclic_momentum
+    if cyc == ():
+        return
+    numbers = isinstance(cyc, tuple) and all(
+        isinstance(m, int | float) and not isinstance(m, bool) for m in cyc)
+    if not numbers or len(cyc) != 2 or not 0 <= cyc[0] <= cyc[1] < 1:
+        raise ConfigError(f"{where}: cyclic_momentum must be [base, max] with "
+                          f"0 <= base <= max < 1 (e.g. [0.8, 0.9]), got {cyc!r}")
+    if train.schedule != "cyclic":
+        raise ConfigError(f"{where}: cyclic_momentum needs schedule = \"cyclic\" (got "
+                          f"{train.schedule!r}); remove it or change the schedule")
+    if train.momentum != cyc[1]:
+        raise ConfigError(f"{where}: momentum ({train.momentum}) must equal the max of "
+                          f"cyclic_momentum ({cyc[1]}), the momentum at lr 0 where the "
+                          f"cycle starts; set momentum = {cyc[1]}")
+
+
 def parse_suite(text: str, name: str, where: str) -> Suite:
     try:
         raw = tomllib.loads(text)
@@ -280,6 +304,7 @@ def parse_suite(text: str, name: str, where: str) -> Suite:
             f"{where} [train]: schedule {train.schedule!r} is not one of "
             "piecewise, cyclic, constant"
         )
+    _check_cyclic_momentum(train, f"{where} [train]")
     if train.attack_bn not in ("train", "eval"):
         raise ConfigError(f"{where} [train]: attack_bn must be 'train' or 'eval'")
     data = _build(DataConfig, data_raw, f"{where} [data]")

@@ -57,9 +57,10 @@ normalisation), `log(key, value)` and the pass counters. A `before_attack` hook 
 of clean training) replaces the suite's attack for that batch: the engine runs no attack,
 and so counts none of its passes.
 
-The engine owns the threat model, optimizer, schedule, mixed precision
-(bf16 autocast on CUDA, fp32 on CPU; channels_last on both), checkpoints and resume.
-It never names a defense.
+The engine owns the threat model, optimizer, schedule (learning rate and, with
+`[train] cyclic_momentum`, the SGD momentum, both set per iteration before the hooks run),
+mixed precision (bf16 autocast on CUDA, fp32 on CPU; channels_last on both),
+checkpoints and resume. It never names a defense.
 """
 
 from __future__ import annotations
@@ -101,8 +102,16 @@ from defenses.registry import build_defenses
 NONFINITE_CHECK_EVERY = 50
 
 __all__ = ["NonFiniteLossError", "RunMismatchError", "Trainer", "collect_eval_models",
-           "curve_point", "derive_seed", "learning_rate", "make_generator", "pick_device",
-           "to_float"]
+           "curve_point", "cyclic_scale", "derive_seed", "learning_rate", "make_generator",
+           "momentum_at", "pick_device", "to_float"]
+
+
+def cyclic_scale(suite: Suite, progress_epochs: float) -> float:
+    """Where the cyclic schedule stands at a fractional epoch: 0 at the start, rising
+    linearly to 1 at `cyclic_peak`, falling linearly to 0 at the end."""
+    t = suite.train
+    frac, peak = progress_epochs / t.epochs, t.cyclic_peak
+    return frac / peak if frac < peak else max(0.0, (1 - frac) / (1 - peak))
 
 
 def learning_rate(suite: Suite, progress_epochs: float) -> float:
@@ -110,14 +119,24 @@ def learning_rate(suite: Suite, progress_epochs: float) -> float:
     t = suite.train
     frac = progress_epochs / t.epochs
     if t.schedule == "cyclic":
-        peak = t.cyclic_peak
-        return t.lr * (frac / peak if frac < peak else max(0.0, (1 - frac) / (1 - peak)))
+        return t.lr * cyclic_scale(suite, progress_epochs)
     if t.schedule == "constant":
         return t.lr
     lr = t.lr * t.lr_decay ** sum(frac >= m for m in t.milestones)
     if t.warmup_epochs > 0 and progress_epochs < t.warmup_epochs:
         lr *= progress_epochs / t.warmup_epochs
     return lr
+
+
+def momentum_at(suite: Suite, progress_epochs: float) -> float:
+    """Per-iteration SGD momentum: `momentum`, or with `cyclic_momentum = [base, max]`
+    the cycle against the lr that torch's CyclicLR runs with cycle_momentum (max at lr 0,
+    base at the lr peak): max - (max - base) * cyclic_scale."""
+    t = suite.train
+    if not t.cyclic_momentum:
+        return t.momentum
+    base, top = t.cyclic_momentum
+    return top - (top - base) * cyclic_scale(suite, progress_epochs)
 
 
 def current_eps(suite: Suite, progress_epochs: float) -> float:
@@ -472,8 +491,10 @@ class Trainer:
         fractional = state.epoch + state.step_in_epoch / state.batches_per_epoch
         state.lr = learning_rate(self.suite, fractional)
         state.eps = current_eps(self.suite, fractional)
+        momentum = momentum_at(self.suite, fractional)
         for group in optimizer.param_groups:
             group["lr"] = state.lr
+            group["momentum"] = momentum
         state.x, state.y, state.index = x, y, index
         state.x_adv = None  # a before_attack hook may set it: then no attack runs
         state.term_grads = {}

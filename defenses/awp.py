@@ -10,6 +10,9 @@ Engine-specific choices: g is computed with
 `torch.autograd.grad` on the live model instead of a proxy copy (same
 direction, no copy), and the extra forward does not update BatchNorm running
 statistics, matching the reference which updates them once per batch.
+
+Documentation (algorithm, hyperparameters, differences from the released code, published
+numbers and their protocol): docs/defenses/awp.md.
 """
 
 from __future__ import annotations
@@ -54,7 +57,12 @@ class AWP(Defense):
             "WRN-34-10 AT-AWP AA": 53.97, "WRN-34-10 TRADES-AWP AA": 56.17,
         },
         extra_data="none",
-        notes="Overhead about one extra forward/backward per batch.",
+        notes="Overhead about one extra forward/backward per batch. The ascent gradient comes "
+              "from autograd on the live model instead of the reference's proxy SGD step "
+              "(same direction: the proxy lr cancels in the normalisation); the ascent "
+              "forward leaves BatchNorm statistics untouched, as the reference's discarded "
+              "proxy does. The reference's 'best' is the best PGD-20 epoch on the test set; "
+              "ours is selected on validation. docs/defenses/awp.md.",
     )
     params = {"gamma": 0.01, "warmup": 0.0}
     methods = ("at", "trades")

@@ -25,9 +25,10 @@ gradient ascent), as in the released code.
 
 **Accumulated perturbation (default).** The released code never removes the
 perturbation: it stays in the weights and accumulates over training. That is
-the default here, so DESIGN.md's "weights are clean outside `around_update`"
-does not hold for it *by design*: the perturbation is part of the weight
-trajectory, checkpoints and evaluation see the weights training produced.
+the default here, so the shared invariant "weights are clean outside
+`around_update`" (tests/invariants.py) does not hold for it *by design*: the
+perturbation is part of the weight trajectory, checkpoints and evaluation see the
+weights training produced.
 `restore=True` removes it after the step (an AWP-style perturbation) and then
 the invariant holds. Either way the record shows which one ran
 (`defense_params`).
@@ -52,6 +53,12 @@ Engine-specific choices:
 
 Extra cost per batch: V 2 forwards + 2 backwards, R and N 1 + 1, plus one
 optimizer step and copies of the kernels and the optimizer state.
+
+The schedule is the suite's: `cifar10-fast` and `cifar10-fast-16` cycle the momentum
+against the lr (`[train] cyclic_momentum`), as the reference's CyclicLR does, and the
+tentative step uses the momentum of the current iteration. Documentation (algorithm,
+hyperparameters, every known difference from the released code, published numbers and
+their protocol): docs/defenses/lap.md.
 """
 
 from __future__ import annotations
@@ -152,7 +159,8 @@ class LAP(Defense):
         reference_code="https://github.com/tmllab/2024_ICML_LAP",
         hyperparameters={
             "epochs": 30, "batch_size": 128,
-            "lr": "cyclic 0 -> 0.2 (peak at epoch 15) -> 0; momentum 0.9 (cycled 0.8-0.9)",
+            "lr": "cyclic 0 -> 0.2 (peak at epoch 15) -> 0, per iteration",
+            "momentum": "cycled against the lr, 0.9 -> 0.8 (lr peak) -> 0.9 (CyclicLR default)",
             "weight_decay": 5e-4, "gamma_lap": 0.3,
             "beta": {f"{k}/255": dict(v) for k, v in PUBLISHED_BETA.items()},
             "alpha": {"V": "eps, zero start", "R": "1.25 eps, start U(-eps, eps)",
@@ -174,7 +182,13 @@ class LAP(Defense):
               "perturbation accumulates in the weights unless restore=true. R runs on fgsm_rs, "
               "N on n_fgsm, V on n_fgsm re-attacked with noise_mag=0. Here L1's weight gradient "
               "costs one extra forward/backward per batch (V: two), which the reference shares "
-              "with the attack.",
+              "with the attack. Schedule as the reference's CyclicLR: cifar10-fast and "
+              "cifar10-fast-16 cycle the momentum 0.9 -> 0.8 -> 0.9 against the lr for every "
+              "row ([train] cyclic_momentum), and the tentative step uses the current "
+              "momentum; fmnist-fast keeps 0.9. gamma_lap 0.3 is the value of every README "
+              "command (the released script's default is 1.0). The reference trains on all "
+              "50k images and reports the last checkpoint on the test set: compare with our "
+              "last. docs/defenses/lap.md.",
     )
     params = {"beta": "auto", "gamma_lap": 0.3, "variant": "auto", "restore": False}
     methods = ("fgsm_rs", "n_fgsm")

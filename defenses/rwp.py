@@ -23,6 +23,12 @@ Engine-specific choices: the gradients come from
 (same values: the reference's proxy learning rate cancels in the normalisation), and
 the ascent forwards do not update BatchNorm running statistics (the reference's proxies
 do, but their statistics are discarded).
+
+TRADES-RWP is a repair: the released TRADES script adds the per-example CE, shape (N,),
+to the unreduced KL, shape (N, C), which fails for N != C; here the KL is summed over
+classes first, so the threshold applies per example to CE + beta * KL (see the doc).
+Documentation (algorithm, hyperparameters, differences from the released code, published
+numbers and their protocol): docs/defenses/rwp.md.
 """
 
 from __future__ import annotations
@@ -123,7 +129,14 @@ class RWP(Defense):
         extra_data="none",
         notes=("Overhead about 10 extra forward/backward passes per batch (K2 = 10 ascent "
                "steps; TRADES: two forwards per step). Published numbers still to be "
-               "copied from the paper's main CIFAR-10 PreActResNet-18 table once verified."),
+               "copied from the paper's main CIFAR-10 PreActResNet-18 table once verified. "
+               "TRADES-RWP is a repaired objective: the released TRADES-RWP code crashes "
+               "(it adds the per-example CE, shape (N,), to the unreduced KL, shape (N, C)); "
+               "ours sums the KL over classes first, so c_min thresholds each example's "
+               "CE + beta * KL, whose masked batch mean is the TRADES training loss over "
+               "the passing examples. Gradients by autograd on the live model instead of "
+               "the reference's two proxies (lr cancels); BatchNorm statistics untouched "
+               "by the ascent. docs/defenses/rwp.md."),
     )
     params = {"gamma": 0.01, "c_min": 1.7, "ascent_steps": 10, "warmup": 0.0}
     methods = ("at", "trades")

@@ -193,6 +193,61 @@ def test_around_update_accumulates_by_default_and_restore_removes(tmp_path, smok
     assert lap.hparams["variant"] == "R" and lap.hparams["restore"] is restore
 
 
+def hand_sgd_update(grad, weight, buffer, lr, momentum, weight_decay):
+    """torch.optim.SGD's step (dampening 0, no Nesterov) written out: d = g + wd * w,
+    b' = momentum * b + d, w' - w = -lr * b'."""
+    d = grad + weight_decay * weight
+    return -lr * (momentum * buffer + d)
+
+
+def test_perturbation_is_the_optimizers_own_next_update_with_momentum_and_weight_decay(
+        tmp_path, smoke_suite, smoke_splits):
+    """V-LAP (delta0 = 0, so L1 = CE(f(x), y)) on a warm optimizer: each kernel moves by
+    beta * lambda_l * ||w_l|| along SGD's next update, re-derived by hand from L1's
+    gradient, the momentum buffer and weight decay, at the group's current lr/momentum."""
+    suite = with_train(smoke_suite, weight_decay=0.05)  # large enough to matter
+    trainer, state = built_state(tmp_path, suite, smoke_splits, method="n_fgsm")
+    model, opt = trainer.model, trainer.optimizer
+    lr, momentum = 0.07, 0.85  # what the schedule set for this iteration
+    for group in opt.param_groups:
+        group["lr"], group["momentum"] = lr, momentum
+    names = [n for n, _ in kernel_parameters(model)]
+    kernels = [p for _, p in kernel_parameters(model)]
+    # L1's weight gradient, computed here on a copy (BatchNorm in train mode, as LAP does)
+    twin = copy.deepcopy(model)
+    loss = nn.functional.cross_entropy(twin(state.x.float()), state.y)
+    grads = torch.autograd.grad(loss, [dict(twin.named_parameters())[n] for n in names])
+    gen = torch.Generator().manual_seed(5)
+    buffers = []
+    for p, g in zip(kernels, grads):  # a momentum buffer as large as the gradient
+        buf = torch.randn(p.shape, generator=gen) * g.abs().mean()
+        opt.state[p]["momentum_buffer"] = buf.clone()
+        buffers.append(buf)
+    lap = make_lap(variant="V", beta=REAL)
+    lap.bind_random_stream(0, torch.device("cpu"))
+    lap.setup(state)
+    lam = layer_coefficients(len(kernels), 0.3)
+    before = [p.detach().clone() for p in kernels]
+    with lap.around_update(state):
+        moved = [p.detach() - b for p, b in zip(kernels, before)]
+    checked = 0
+    for i, (w, g, buf) in enumerate(zip(before, grads, buffers)):
+        u = hand_sgd_update(g, w, buf, lr, momentum, 0.05)
+        expected = REAL * lam[i] * w.norm() * u / u.norm()
+        if lam[i] == 0:
+            assert torch.count_nonzero(moved[i]) == 0
+            continue
+        torch.testing.assert_close(moved[i], expected, rtol=1e-4, atol=1e-7)
+        # the check can tell: plain gradient descent, or the update without momentum or
+        # without weight decay, points elsewhere
+        for other in (-g, hand_sgd_update(g, w, buf, lr, 0.0, 0.05),
+                      hand_sgd_update(g, w, buf, lr, momentum, 0.0)):
+            cosine = nn.functional.cosine_similarity(other.flatten(), u.flatten(), dim=0)
+            assert cosine < 0.9999, names[i]
+        checked += 1
+    assert checked == len(kernels) - 1
+
+
 # ---- variants, cost, invariants -----------------------------------------------------
 def passes(run_dir) -> tuple[int, int]:
     (row,) = read_history(run_dir / "history.jsonl")

@@ -4,6 +4,7 @@ defense invariants (tests/invariants.py) with `at` and `trades`."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -150,7 +151,7 @@ def _state_after_attack(smoke_suite, smoke_splits, tmp_path, method: str):
                       progress=False)
     state = trainer.build()
     x, y, _ = next(iter(trainer.loader))
-    state.x, state.y = x, y
+    state.x, state.y, state.eps = x, y, smoke_suite.train.eps  # eps 0 would give x_adv = x
     state.x_adv = trainer.method.attack(state)
     trainer.model.train()
     return trainer, state
@@ -262,3 +263,40 @@ def test_integral_float_steps_accepted_and_bad_combinations_refused(smoke_suite)
         build_defenses((DefenseSpec("rwp", (("K2", 5),)),), "at", smoke_suite)
     with pytest.raises(ConfigError, match="does not compose with method 'fgsm_rs'"):
         build_defenses((DefenseSpec("rwp"),), "fgsm_rs", smoke_suite)
+
+
+def test_trades_rwp_thresholds_the_per_example_trades_loss(smoke_suite, smoke_splits, tmp_path):
+    """TRADES-RWP's repaired objective (docs/defenses/rwp.md): the released code adds a
+    per-example CE of shape (N,) to an unreduced KL of shape (N, C) and crashes; ours sums
+    the KL over classes first. Re-derived here: l_i = CE(f(x_i), y_i) + beta * sum_c
+    p_c(x_i) log(p_c(x_i) / p_c(x_adv_i)); one step with v = 0 masks l_i < c_min and moves
+    the kernels by gamma * ||W|| * a / ||a||, a the gradient of (1/B) sum_i m_i l_i."""
+    trainer, state = _state_after_attack(smoke_suite, smoke_splits, tmp_path, "trades")
+    with torch.no_grad():  # sharper logits: at initialisation the KL term is negligible
+        kernel_parameters(trainer.model)[-1][1].mul_(5.0)
+    state.x_adv = trainer.method.attack(state)
+    trainer.model.train()
+    beta = smoke_suite.train.trades_beta
+    twin = copy.deepcopy(trainer.model).train()
+    log_p = F.log_softmax(twin(state.x), dim=1)
+    log_q = F.log_softmax(twin(state.x_adv), dim=1)
+    losses = F.nll_loss(log_p, state.y, reduction="none") + beta * (
+        log_p.exp() * (log_p - log_q)).sum(dim=1)
+    assert losses.shape == state.y.shape
+    ce = F.nll_loss(log_p, state.y, reduction="none")
+    assert (losses - ce).mean() > 0.2 * ce.mean()  # the KL term matters here
+    c_min = losses.median().item() + 1e-4
+    mask = (losses < c_min).float()
+    assert 0 < mask.mean() < 1
+    names = [n for n, _ in kernel_parameters(twin)]
+    params = dict(twin.named_parameters())
+    a = torch.autograd.grad((losses * mask).sum() / len(losses), [params[n] for n in names])
+    a_norm = torch.cat([g.flatten() for g in a]).norm()
+    w_norm = torch.cat([params[n].detach().flatten() for n in names]).norm()
+    kernels = dict(kernel_parameters(trainer.model))
+    before = {n: p.detach().clone() for n, p in kernels.items()}
+    with RWP(gamma=0.05, c_min=c_min, ascent_steps=1, warmup=0.0).around_update(state):
+        moved = {n: p.detach() - before[n] for n, p in kernels.items()}
+    assert float(state.logs["rwp.lsc_pass_first"][-1]) == pytest.approx(mask.mean().item())
+    for n, g in zip(names, a):
+        torch.testing.assert_close(moved[n], 0.05 * w_norm * g / a_norm, rtol=1e-4, atol=1e-7)
