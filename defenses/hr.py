@@ -173,7 +173,8 @@ class HR(Defense):
             "other published setting": {"alpha": 0.05, "r": 0.1},
             "not for L-inf": "the reference library's own defaults are for L2 (step 0.2)",
         },
-        published={
+        published=(),  # no number verified yet: see published_notes
+        published_notes={
             "CIFAR-10 PRN-18 robust overfitting (Rice et al. protocol)":
                 "see Section 6.2 of the paper (figure and table); not verified here",
         },

@@ -452,7 +452,7 @@ def test_card_and_defaults_are_the_published_recipe():
     card = AROID.card
     assert card.paper.startswith("Li, Qiu & Spratling. AROID") and card.venue == "IJCV 2024"
     assert "2306.07197" in card.link and card.reference_code.endswith("TreeLLi/AROID")
-    assert "clean data" in card.extra_data and card.published and card.hyperparameters
+    assert "clean data" in card.extra_data and card.published_notes and card.hyperparameters
     assert aroid_module.__doc__.startswith("AROID (Li, Qiu & Spratling")
     assert AROID.__doc__.startswith("AROID (Li, Qiu & Spratling")
     d = AROID()
