@@ -57,7 +57,10 @@ class AWP(Defense):
                  "suite": "cifar10-linf", "differences": (FULL_TRAIN, BEST_ON_TEST)},
                 ("pgd20", "best", 55.39, {"note": "epoch 159"}),
                 ("pgd20", "last", 54.30, {"note": "the paper's table gives 54.73"}),
-                ("clean", "best", 81.18, {"note": "epoch 159"})),
+                ("clean", "best", 81.18, {"note": "epoch 159"}),
+                ("pgd20", "best", 52.79, {"label": "AT", "defenses": ()}),
+                ("pgd20", "last", 43.75, {"label": "AT", "defenses": (),
+                                          "note": "the paper's table gives 44.44"})),
             *entries(
                 {"method": "at", "defenses": ("awp",), "label": "AT-AWP", "epochs": 200,
                  "selection": "not stated", "data_split": "50k train",

@@ -169,7 +169,13 @@ class LAP(Defense):
                  (("autoattack", "last", 0.0),)),
                 ("R-LAP", "fgsm_rs", ("lap",), "12/255", None, (("autoattack", "last", 26.04),)),
                 ("N-LAP", "n_fgsm", ("lap",), "8/255", "cifar10-fast",
-                 (("autoattack", "last", 44.97),)))
+                 (("autoattack", "last", 44.97),)),
+                ("N-FGSM", "n_fgsm", (), "8/255", "cifar10-fast",
+                 (("autoattack", "last", 44.2, {"note": "the paper's N-FGSM baseline, "
+                                                 "given as 'about'"}),)),
+                ("N-FGSM", "n_fgsm", (), "12/255", None,
+                 (("autoattack", "last", 30.3, {"note": "the paper's N-FGSM baseline, "
+                                                "given as 'about'"}),)))
               for entry in entries(
                 {"method": method, "defenses": defenses, "label": label, "eps": eps,
                  "epochs": 30, "selection": "none", "data_split": "50k train; last checkpoint",
