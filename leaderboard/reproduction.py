@@ -34,6 +34,7 @@ MEASURED = "measured"
 NOT_RUN = "not run yet"
 NO_SUITE = "no matching suite"
 NO_METRIC = "metric not on the board"
+NO_VALUE = "row has no value for this metric"  # e.g. a suite that skips AutoAttack
 DECIMALS = 4  # percent; the board's fractions carry 6 decimals
 BEST_NOTE = ("ROBench's best checkpoint is selected on its validation split (1k images held "
              "out of the training set); papers usually select theirs on the test set, so a "
@@ -108,7 +109,8 @@ def reproduction_entries(cards: dict[str, dict], groups: dict[str, SuiteGroup],
     for name in sorted(cards):
         card = cards[name]
         for entry in card.get("published") or ():
-            item = {"defense": name, "card": card.get("name", name), **entry,
+            item = {"defense": name, "card": card.get("name", name),
+                    **{k: v for k, v in entry.items() if k != "value"},
                     "defenses": list(entry["defenses"]),
                     "differences": list(entry["differences"]),
                     "published": entry["value"], "compared_with": None, "rows": []}
@@ -122,7 +124,9 @@ def reproduction_entries(cards: dict[str, dict], groups: dict[str, SuiteGroup],
                 item["compared_with"] = compared_checkpoint(entry)
                 if group is not None and group.status == CURRENT:
                     item["rows"] = _matching_rows(entry, group, tables[suite])
-                item["status"] = MEASURED if item["rows"] else NOT_RUN
+                item["status"] = (NOT_RUN if not item["rows"] else MEASURED
+                                  if any(r["ours"] is not None for r in item["rows"])
+                                  else NO_VALUE)
             out.append(item)
     return out
 

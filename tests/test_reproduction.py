@@ -189,3 +189,13 @@ def test_published_entries_are_checked() -> None:
         Published(value=50.0, metric="clean", checkpoint="best", method="at", selection="val")
     with pytest.raises(ConfigError, match="published must be a tuple"):
         DefenseCard(name="X", paper="Y", published={"AA": 50.0})
+
+
+def test_a_row_without_the_metric_says_so(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    for seed in (0, 1, 2):  # AutoAttack switched off on this suite version
+        write(res, make_record("AT+AWP", defenses=AWP, seed=seed, suite=SUITE,
+                               aa_version="none"))
+    items = compile_toy(res, tmp_path / "out")["entries"]
+    assert items[0]["status"] == "row has no value for this metric"
+    assert items[0]["rows"][0]["ours"] is None and items[0]["rows"][0]["difference"] is None
