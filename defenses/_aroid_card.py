@@ -47,10 +47,11 @@ CARD = DefenseCard(
                  "published for CIFAR-10 (README: --aff_coef 0.4 0.2 0.1 --div_coef 0.8 "
                  "--div_limits 0.1 0.3)"),
     },
-    published={
+    published=(),  # no number verified yet: see published_notes
+    published_notes={
         "CIFAR-10, PreActResNet-18 and WideResNet-34-10, best and end checkpoints, clean "
         "and AutoAttack accuracy": "see the paper's tables (numbers not yet verified here)",
-        "cost": "about +40-50% over PGD-AT (spec)",
+        "cost": "about +40-50% over PGD-AT",
         "combinations": "AT+AROID+AWP is reported in the paper",
     },
     extra_data=("the affinity model: a model of the suite's architecture trained on clean, "

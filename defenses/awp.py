@@ -24,6 +24,7 @@ import torch
 
 from bench.state import TrainState, kernel_parameters, preserved_bn_stats, shifted_weights
 from defenses.base import Defense, DefenseCard, register_defense
+from defenses.published import BEST_NOT_STATED, BEST_ON_TEST, FULL_TRAIN, entries
 
 
 def layerwise_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor],
@@ -50,12 +51,41 @@ class AWP(Defense):
         reference_code="https://github.com/csdongxian/AWP",
         hyperparameters={"gamma": 0.01, "ascent_steps": 1, "warmup": 0.0,
                          "trades": {"gamma": 0.005, "warmup": 0.05}},
-        published={
-            "PRN-18 CIFAR-10 AT-AWP PGD-20": {"best": 55.39, "last": 54.30, "clean_best": 81.18},
-            "PRN-18 CIFAR-10 AT-AWP AA (quoted by later papers)":
-                {"best": 50.57, "last": 49.95, "clean": [83.33, 84.39]},
-            "WRN-34-10 AT-AWP AA": 53.97, "WRN-34-10 TRADES-AWP AA": 56.17,
-        },
+        published=(
+            *entries(
+                {"method": "at", "defenses": ("awp",), "label": "AT-AWP", "epochs": 200,
+                 "selection": "test",
+                 "data_split": "50k train; best checkpoint picked on the test set",
+                 "source": "the authors' training logs (AWP repository)",
+                 "suite": "cifar10-linf", "differences": (FULL_TRAIN, BEST_ON_TEST)},
+                ("pgd20", "best", 55.39, {"note": "epoch 159"}),
+                ("pgd20", "last", 54.30, {"note": "the paper's table gives 54.73"}),
+                ("clean", "best", 81.18, {"note": "epoch 159"}),
+                ("pgd20", "best", 52.79, {"label": "AT", "defenses": ()}),
+                ("pgd20", "last", 43.75, {"label": "AT", "defenses": (),
+                                          "note": "the paper's table gives 44.44"})),
+            *entries(
+                {"method": "at", "defenses": ("awp",), "label": "AT-AWP", "epochs": 200,
+                 "selection": "not stated", "data_split": "50k train",
+                 "source": "quoted by later papers (e.g. CURE's robust-overfitting table)",
+                 "suite": "cifar10-linf", "differences": (FULL_TRAIN, BEST_NOT_STATED)},
+                ("autoattack", "best", 50.57), ("autoattack", "last", 49.95),
+                ("clean", "best", 83.33), ("clean", "last", 84.39)),
+            *entries(
+                {"method": "at", "defenses": ("awp",), "label": "AT-AWP",
+                 "architecture": "WRN-34-10", "selection": "not stated", "data_split": "50k train",
+                 "source": "the paper (WRN-34-10 results)", "suite": "cifar10-linf-wrn",
+                 "note": "which checkpoint is not recorded here; taken as best",
+                 "differences": (FULL_TRAIN, BEST_NOT_STATED)},
+                ("autoattack", "best", 53.97), ("clean", "best", 86.2)),
+            *entries(
+                {"method": "trades", "defenses": ("awp",), "label": "TRADES-AWP",
+                 "architecture": "WRN-34-10", "selection": "not stated", "data_split": "50k train",
+                 "source": "the paper (WRN-34-10 results)", "suite": "cifar10-linf-wrn",
+                 "note": "which checkpoint is not recorded here; taken as best",
+                 "differences": (FULL_TRAIN, BEST_NOT_STATED)},
+                ("autoattack", "best", 56.17), ("clean", "best", 85.36)),
+        ),
         extra_data="none",
         notes="Overhead about one extra forward/backward per batch. The ascent gradient comes "
               "from autograd on the live model instead of the reference's proxy SGD step "

@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.clean_model import DEFAULT_RECIPE, CleanRecipe
 from bench.config import ConfigError, Suite
+from defenses.published import Published
 
 if TYPE_CHECKING:
     from bench.state import TrainState
@@ -41,7 +42,13 @@ HOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class DefenseCard:
-    """What the leaderboard prints about a defense."""
+    """What the leaderboard prints about a defense.
+
+    `published`: every number the paper (or a later paper quoting it) reports, one
+    `Published` entry each, with its protocol and the matching ROBench suite; the
+    leaderboard's reproduction table lists them all. `published_notes`: free-form remarks
+    about them that are not numbers (where to find unverified tables, costs).
+    """
 
     name: str
     paper: str
@@ -49,9 +56,23 @@ class DefenseCard:
     link: str = ""
     reference_code: str = ""
     hyperparameters: dict = field(default_factory=dict)  # as published (CIFAR-10, PRN-18)
-    published: dict = field(default_factory=dict)  # published numbers, free-form
+    published: tuple[Published, ...] = ()
+    published_notes: dict = field(default_factory=dict)
     extra_data: str = "none"  # extra data or pretrained models used
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        entries = self.published
+        if isinstance(entries, Published):
+            entries = (entries,)
+        if not isinstance(entries, list | tuple) or not all(
+                isinstance(e, Published) for e in entries):
+            raise ConfigError(f"card {self.name!r}: published must be a tuple of "
+                              "defenses.published.Published entries (free-form remarks go "
+                              "in published_notes)")
+        object.__setattr__(self, "published", tuple(entries))
+        if not isinstance(self.published_notes, dict):
+            raise ConfigError(f"card {self.name!r}: published_notes must be a dict")
 
     def to_dict(self) -> dict:
         return asdict(self)

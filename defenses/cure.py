@@ -69,6 +69,7 @@ from defenses._cure_ops import (
     trades_objective,
 )
 from defenses.base import Defense, DefenseCard, register_defense
+from defenses.published import BEST_NOT_STATED, FULL_TRAIN, entries
 
 MODES = ("rgp_soft", "paper", "rgp")
 BETA = {"rgp_soft": 5.0, "paper": 1.0, "rgp": 5.0}  # rgp's loss has no KL term
@@ -109,14 +110,41 @@ class CURE(Defense):
                         "mode=paper (our reading of Eqs. 4-8); mode=rgp (the mode the "
                         "released end-to-end script switches to)"),
         },
-        published={
-            "ResNet-18 CIFAR-10 clean / PGD-20 / AA": {"CURE": [86.76, 54.92, 49.69],
-                                                      "TRADES": [82.41, 52.76, 48.37]},
-            "PRN-18 CIFAR-10 robust overfitting, natural best/last, AA best/last": {
-                "CURE": [86.54, 86.54, 50.23, 50.23], "AT": [82.50, 83.99, 48.21, 42.46],
-                "AWP": [83.33, 84.39, 50.57, 49.95], "IDBH": [83.96, 84.92, 50.74, 49.99]},
-            "note": "CURE best equals last: the paper evaluated only the final model",
-        },
+        published=(
+            *(entry for label, method, defenses, values in (
+                ("CURE", "trades", ("cure",), (86.76, 54.92, 49.69)),
+                ("TRADES", "trades", (), (82.41, 52.76, 48.37)))
+              for entry in entries(
+                {"method": method, "defenses": defenses, "label": label,
+                 "architecture": "ResNet-18", "epochs": 200, "selection": "none",
+                 "data_split": "50k train", "source": "the paper's main CIFAR-10 table",
+                 "note": "the checkpoint is not recorded here; taken as the final model",
+                 "differences": ("architecture: ResNet-18; ROBench's CIFAR-10 suites use "
+                                 "PreActResNet-18 or WRN-34-10",)},
+                ("clean", "final-only", values[0]), ("pgd20", "final-only", values[1]),
+                ("autoattack", "final-only", values[2]))),
+            *entries(
+                {"method": "trades", "defenses": ("cure",), "label": "CURE", "epochs": 200,
+                 "selection": "none", "data_split": "50k train; only the final model evaluated",
+                 "source": "the paper's robust-overfitting table (PreActResNet-18)",
+                 "suite": "cifar10-linf",
+                 "note": "the table shows the same number as best and as last",
+                 "differences": (FULL_TRAIN, "checkpoint: the paper evaluates only the final "
+                                 "model; compared with ROBench's last")},
+                ("clean", "final-only", 86.54), ("autoattack", "final-only", 50.23)),
+            *(entry for label, defenses, params, values in (
+                ("AT", (), {}, (82.50, 83.99, 48.21, 42.46)),
+                ("AWP", ("awp",), {}, (83.33, 84.39, 50.57, 49.95)),
+                ("IDBH", ("idbh",), {"idbh": {"variant": "strong"}},
+                 (83.96, 84.92, 50.74, 49.99)))
+              for entry in entries(
+                {"method": "at", "defenses": defenses, "params": params, "label": label,
+                 "epochs": 200, "selection": "not stated", "data_split": "50k train",
+                 "source": "quoted in the paper's robust-overfitting table (PreActResNet-18)",
+                 "suite": "cifar10-linf", "differences": (FULL_TRAIN, BEST_NOT_STATED)},
+                ("clean", "best", values[0]), ("clean", "last", values[1]),
+                ("autoattack", "best", values[2]), ("autoattack", "last", values[3]))),
+        ),
         extra_data=("none by default: the clean warm start is the first 40% of the run's own "
                     "epochs; with warm_start=true, a separate clean model (the suite's "
                     "`standard` method, same architecture and seed) from the engine's "

@@ -178,7 +178,8 @@ class HR(Defense):
             "reference substitutes": "alpha = 0 -> 1e-6, and r = 0 -> 1e-3 when alpha > 0 "
                                      "(for the conic solver); not needed here",
         },
-        published={
+        published=(),  # no number verified yet: see published_notes
+        published_notes={
             "CIFAR-10 PRN-18 robust overfitting (Rice et al. protocol)":
                 "see Section 6.2 of the paper (figure and table); not verified here",
         },

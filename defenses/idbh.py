@@ -56,6 +56,7 @@ from defenses.augment_ops import (
     uniform_int,
 )
 from defenses.base import Defense, DefenseCard, register_defense
+from defenses.published import BEST_NOT_STATED, FULL_TRAIN, entries
 
 #: Erasing probability of each published variant (CIFAR-10).
 VARIANTS = {"strong": 1.0, "weak": 0.5}
@@ -166,11 +167,17 @@ class IDBH(Defense):
                                           "statistics re-estimated on the training set "
                                           "each epoch"},
         },
-        published={
-            "PRN-18 CIFAR-10 AutoAttack, 3 runs: pad-crop AT": {"best": 48.21, "last": 42.46},
-            "PRN-18 CIFAR-10 AutoAttack, 3 runs: AT+IDBH-strong": {"best": 50.74},
-            "PRN-18 CIFAR-10 AutoAttack: AT+IDBH-strong last, as quoted by CURE": 49.99,
-        },
+        published=entries(
+            {"method": "at", "epochs": 200, "runs": 3, "selection": "not stated",
+             "data_split": "50k train", "source": "the paper (AutoAttack, 3 runs)",
+             "suite": "cifar10-linf", "differences": (FULL_TRAIN, BEST_NOT_STATED)},
+            ("autoattack", "best", 48.21, {"label": "AT (pad-crop)"}),
+            ("autoattack", "last", 42.46, {"label": "AT (pad-crop)"}),
+            ("autoattack", "best", 50.74, {"label": "AT+IDBH-strong", "defenses": ("idbh",),
+                                           "params": {"idbh": {"variant": "strong"}}}),
+            ("autoattack", "last", 49.99, {"label": "AT+IDBH-strong", "defenses": ("idbh",),
+                                           "params": {"idbh": {"variant": "strong"}},
+                                           "runs": 0, "source": "quoted by CURE"})),
         extra_data="none",
         notes=("Replaces the suite's augmentation of the training batch (raw_batch) with the "
                "recipe, as batched ops on the device; the suite's attack and threat model "

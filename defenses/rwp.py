@@ -125,7 +125,9 @@ class RWP(Defense):
         reference_code="https://github.com/ChaojianYu/Robust-Weight-Perturbation",
         hyperparameters={"gamma": 0.01, "c_min": 1.7, "ascent_steps": 10, "warmup": 0.0,
                          "trades": {"gamma": 0.005, "warmup": 0.05}},
-        published={},  # not yet verified against the paper's CIFAR-10 PRN-18 table
+        published=(),  # not yet verified against the paper's CIFAR-10 PRN-18 table
+        published_notes={"CIFAR-10 PRN-18 (clean, PGD-20, AA; best and last)":
+                         "see the paper's main table; not verified here"},
         extra_data="none",
         notes=("Overhead about 10 extra forward/backward passes per batch (K2 = 10 ascent "
                "steps; TRADES: two forwards per step). Published numbers still to be "

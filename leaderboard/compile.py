@@ -1,11 +1,14 @@
-"""Compile run records into the leaderboard: Markdown, CSV, JSON and curve plots.
+"""Compile run records into the leaderboard: Markdown, CSV, JSON, curve plots and the
+reproduction table (published numbers vs ROBench's, `leaderboard.reproduction`).
 
     python -m leaderboard.compile --results results --out leaderboard_out [--strict]
 
 Reads plain `record.json` files only, each validated against the record schema
 (`leaderboard.schema`): an invalid one is left out with a warning, or with --strict stops
-the compile. Imports neither torch nor `defenses`; `bench.config` only to read the
-protocol hashes of the installed suite files (which table of a suite is the current one).
+the compile. Importing it imports neither torch nor `defenses`; compiling reads
+`bench.config` (the protocol hashes of the installed suite files: which table of a suite is
+the current one) and, for the reproduction table only, the registered defenses' cards
+(class attributes: no defense is instantiated), both lazily.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from leaderboard.records import (
     RecordsNotFoundError,
     load_records,
 )
+from leaderboard.reproduction import dump, load_cards, render_reproduction, reproduction_document
 from leaderboard.tables import COLUMNS, compile_tables, prepare, suite_table
 
 __all__ = [
     "InvalidRecordError", "LeaderboardWarning", "RecordsNotFoundError", "load_records",
-    "compile_tables", "plot_curves", "write_leaderboard", "main",
+    "compile_tables", "plot_curves", "write_leaderboard", "write_reproduction", "main",
 ]
 DOCUMENT_SCHEMA = 2  # of leaderboard.json
 
@@ -57,14 +61,39 @@ def _json_document(tables: dict[str, pd.DataFrame]) -> dict:
             "suites": {key: dict(t.attrs) for key, t in tables.items()}, "rows": rows}
 
 
+def write_reproduction(out_dir: Path, groups: dict, tables: dict[str, pd.DataFrame],
+                       cards: dict[str, dict] | None = None) -> list[Path]:
+    """Write reproduction.md/.json (see `leaderboard.reproduction`). `cards`: registry name
+    -> `DefenseCard.to_dict()`; None reads the registered defenses' cards. Cards that
+    cannot be read leave a warning and tables that say so, never a failed compile."""
+    error = ""
+    if cards is None:
+        try:
+            cards = load_cards()
+        except Exception as exc:  # a broken defense module must not stop the board
+            error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"reproduction table without cards: {error}", LeaderboardWarning,
+                          stacklevel=2)
+            cards = {}
+    doc = reproduction_document(cards, groups, tables, error)
+    md, js = out_dir / "reproduction.md", out_dir / "reproduction.json"
+    md.write_text(render_reproduction(doc), encoding="utf-8")
+    js.write_text(dump(doc), encoding="utf-8")
+    return [md, js]
+
+
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool = True,
                       strict: bool = False,
-                      current_hashes: dict[str, str] | None = None) -> list[Path]:
-    """Compile every record under `results_dir`; write leaderboard.md/.csv/.json (+ PNGs).
+                      current_hashes: dict[str, str] | None = None,
+                      cards: dict[str, dict] | None = None) -> list[Path]:
+    """Compile every record under `results_dir`; write leaderboard.md/.csv/.json, the
+    reproduction table reproduction.md/.json (+ PNGs).
 
     `strict`: an invalid record raises `InvalidRecordError` instead of being left out
     with a warning. `current_hashes`: suite name -> protocol hash of the current suite
-    file (None: the installed suite files). Returns the written paths: Markdown, CSV,
+    file (None: the installed suite files). `cards`: the defense cards the reproduction
+    table lists (registry name -> `DefenseCard.to_dict()`; None: every registered
+    defense). Returns the written paths: Markdown, CSV, JSON, reproduction Markdown and
     JSON, then one curves PNG per suite key.
     """
     records = load_records(results_dir, strict=strict)
@@ -78,7 +107,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
     all_rows(tables).to_csv(csv, index=False)
     js.write_text(json.dumps(_json_document(tables), indent=2, ensure_ascii=False) + "\n",
                   encoding="utf-8")
-    paths = [md, csv, js]
+    paths = [md, csv, js, *write_reproduction(out, groups, tables, cards)]
     if plots:
         paths += plot_groups(groups, out)
     return paths

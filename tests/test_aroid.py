@@ -623,7 +623,7 @@ def test_card_and_defaults_are_the_published_recipe():
     card = AROID.card
     assert card.paper.startswith("Li, Qiu & Spratling. AROID") and card.venue == "IJCV 2024"
     assert "2306.07197" in card.link and card.reference_code.endswith("TreeLLi/AROID")
-    assert "un-augmented data" in card.extra_data and card.published and card.hyperparameters
+    assert "un-augmented data" in card.extra_data and card.published_notes and card.hyperparameters
     assert "docs/defenses/aroid.md" in aroid_module.__doc__ and "aroid.md" in card.notes
     doc = (Path(__file__).parents[1] / "docs" / "defenses" / "aroid.md").read_text()
     assert doc.startswith("# AROID") and "## Differences from the authors' code" in doc

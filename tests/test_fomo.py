@@ -375,6 +375,7 @@ def test_card_is_marked_reconstructed_with_every_parameter():
     assert set(FOMO.params) <= set(RECONSTRUCTION)
     block = card.hyperparameters["ROBench reconstruction (defaults, not published)"]
     assert block is RECONSTRUCTION
-    (numbers,) = card.published.values()
-    assert numbers == {"best": 51.37, "last": 51.28}
+    numbers = {(p.metric, p.checkpoint): p.value for p in card.published}
+    assert numbers == {("autoattack", "best"): 51.37, ("autoattack", "last"): 51.28}
+    assert {p.selection for p in card.published} == {"validation"}  # the 9:1 split
     assert card.hyperparameters["published training setup"]["epochs"] == 200
