@@ -49,7 +49,7 @@ Engine-specific choices:
   RS-FGSM 2.0 / 4.6; the defaults are the CIFAR-10 values. A suite sets its own
   (`[defenses.dom_re] tau = ...`), since tau depends on the loss scale of the suite.
 
-The project's documentation: docs/defenses/dom.md (DOM-RE) and docs/defenses/dom_da.md.
+The project's documentation: docs/defenses/dom_re.md (DOM-RE) and docs/defenses/dom_da.md.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class DomRE(_DOM):
                "of 10 to 30 points is a gradient-masking signature; trust its AutoAttack "
                "numbers, not its PGD ones. Overhead: one extra forward per batch after the "
                "warm-up (the reference computes the natural loss, and updates BatchNorm "
-               "with it, from the first batch). See docs/defenses/dom.md."),
+               "with it, from the first batch). See docs/defenses/dom_re.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "update_bn": True}
 

@@ -152,7 +152,7 @@ def test_fgsm_option_must_be_a_boolean():
                                              ("fmnist-fast", 0.2, 1.25)])
 def test_single_step_suites(name, eps, step):
     """The catastrophic-overfitting suites: single-step methods, the FGSM curve, the
-    cyclic schedule; FGSM-RS steps 1.25 eps (specs/baselines.md); the CPU suite's stated
+    cyclic schedule; FGSM-RS steps 1.25 eps (Wong, Rice & Kolter); the CPU suite's stated
     stressor is an injected class feature, which the GPU suites do not have."""
     s = load_suite(name)
     assert s.methods == ("fgsm_rs", "n_fgsm") and s.curves.fgsm
