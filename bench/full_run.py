@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.config import load_suite
 from bench.progress import JobProgress
-from bench.runner import Launch, plan_in_child
+from bench.runner import Launch, plan_with_params_in_child
 from bench.scheduler import Outcome, available_cores, run_plan, threads_per_run
 from bench.worker import USER_ERRORS
 
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace, prog: str = "robench board") -> int:
                       args.debug)
     try:
         suite = load_suite(args.suite)
-        specs = plan_in_child(
+        specs, expected_params = plan_with_params_in_child(
             args.suite,
             comma_list(args.defenses), comma_list(args.methods),
             None if args.seeds is None else [int(s) for s in comma_list(args.seeds)],
@@ -86,12 +86,14 @@ def main(args: argparse.Namespace, prog: str = "robench board") -> int:
         if args.ray is not None:
             from bench.ray_launch import run_plan_on_ray
 
+            planning.expected_params = expected_params
             outcomes = run_plan_on_ray(specs, suite, planning, args.ray,
                                        JobProgress(specs, 1, JobProgress.choose_mode(args.quiet)))
         else:
             workers = args.workers or default_workers(args.device)
             launch = Launch(results, args.data_root, args.device, not args.quiet,
-                            threads_per_run(workers, args.threads, args.device), args.debug)
+                            threads_per_run(workers, args.threads, args.device), args.debug,
+                            expected_params=expected_params)
             progress = JobProgress(specs, workers, JobProgress.choose_mode(args.quiet))
             outcomes = run_plan(specs, suite, launch, workers, progress)
     except KeyboardInterrupt:

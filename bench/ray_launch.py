@@ -36,7 +36,8 @@ def run_task(spec_raw: dict, suite_raw: dict, launch_raw: dict) -> dict:
 
     spec, suite = RunSpec.from_dict(spec_raw), Suite.from_dict(suite_raw)
     launch = Launch(Path(launch_raw["results"]), launch_raw["data_root"],
-                    launch_raw["device"], False, launch_raw["threads"], launch_raw["debug"])
+                    launch_raw["device"], False, launch_raw["threads"], launch_raw["debug"],
+                    expected_params=launch_raw.get("expected_params"))
     start = time.perf_counter()
     try:
         result = run_one(spec, suite=suite, launch=launch, wait=True)
@@ -81,7 +82,10 @@ def run_plan_on_ray(specs: list[RunSpec], suite: Suite, launch: Launch, address:
         progress.begin()
         pending = {}
         for index, spec in enumerate(specs):
-            ref = task.remote(spec.to_dict(), suite.to_dict(), payload)
+            own = {spec.run_id: launch.expected_params[spec.run_id]} \
+                if launch.expected_params and spec.run_id in launch.expected_params else None
+            ref = task.remote(spec.to_dict(), suite.to_dict(),
+                              {**payload, "expected_params": own})
             pending[ref] = (index, spec)  # Ray does not say when a task starts
         outcomes: dict[int, Outcome] = {}
         while pending:

@@ -122,3 +122,18 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+_UNSET = object()
+
+
+def param_changes(found: dict[str, dict], want: dict[str, dict]) -> list[str]:
+    """`defense.param: old -> new` for every parameter that differs."""
+    changes = []
+    for name in sorted(set(found) | set(want)):
+        old, new = found.get(name) or {}, want.get(name) or {}
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, _UNSET) != new.get(key, _UNSET):
+                changes.append(f"{name}.{key}: {old.get(key, '(unset)')!r} -> "
+                               f"{new.get(key, '(unset)')!r}")
+    return changes

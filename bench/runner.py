@@ -43,7 +43,7 @@ from bench.config import RunSpec, Suite, check_method, load_suite
 from bench.errors import RunBusyError, RunFailedError, RunMismatchError
 from bench.lifeline import PARENT_ENV
 from bench.locks import FolderLock
-from bench.records import RecordError, read_record
+from bench.records import RecordError, param_changes, read_record
 
 DEFAULT_RESULTS = Path("results")
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,24 @@ def check_record_matches(record: dict, spec: RunSpec, suite: Suite, path: Path) 
             "move or delete that run folder to rerun it")
     if record.get("spec") != spec.to_dict():
         raise RunMismatchError(f"{path} holds the record of another run ({record.get('spec')})")
+
+
+def check_record_params(record: dict, expected: dict[str, dict] | None, spec: RunSpec,
+                        path: Path) -> None:
+    """A finished run is reused only if its defenses ran with the parameters this ROBench
+    would give them now (defaults, method and suite settings, the run's own): a record made
+    before a defense's defaults changed would otherwise stand in for the current row."""
+    if expected is None:
+        return
+    found = record.get("defense_params") or {}
+    want = json.loads(json.dumps(expected, default=str))
+    if found == want:
+        return
+    changes = param_changes(found, want)
+    raise RunMismatchError(
+        f"{path} was made with other parameters for {spec.row_name} than this version of "
+        f"ROBench gives it ({'; '.join(changes) or 'other defenses'}): a defense's defaults "
+        "changed since; move or delete that run folder to rerun it")
 
 
 def sha256_file(path: Path) -> str:
@@ -112,6 +130,9 @@ class Launch:
     debug: bool = False
     output: OutputSink | None = None
     notices: OutputSink | None = None  # the launcher's own messages (locks), in every mode
+    # run_id -> {defense: effective parameters} from the plan: a finished run whose record
+    # was made with other parameters (e.g. under an older ROBench's defaults) is not reused
+    expected_params: dict[str, dict] | None = None
 
 
 def child_environment(threads: int | None = None) -> dict[str, str]:
@@ -242,6 +263,8 @@ def _run_locked(spec: RunSpec, suite: Suite, launch: Launch, run_dir: Path,
     if record_path.exists():
         record = read_record(record_path)  # validates
         check_record_matches(record, spec, suite, record_path)
+        check_record_params(record, (launch.expected_params or {}).get(spec.run_id), spec,
+                            record_path)
         check_record_checkpoints(record, run_dir)
         return RunResult(spec, run_dir, record_path, 0.0)
     train_in_child(spec, suite, launch)
@@ -257,7 +280,18 @@ def _run_locked(spec: RunSpec, suite: Suite, launch: Launch, run_dir: Path,
 def plan_in_child(suite: str, defenses: list[str] | None, methods: list[str] | None,
                   seeds: list[int] | None, launch: Launch) -> list[RunSpec]:
     """`bench.planning.plan_runs` in a child process (it imports defense code)."""
+    return plan_with_params_in_child(suite, defenses, methods, seeds, launch)[0]
+
+
+def plan_with_params_in_child(suite: str, defenses: list[str] | None,
+                              methods: list[str] | None, seeds: list[int] | None,
+                              launch: Launch) -> tuple[list[RunSpec], dict[str, dict]]:
+    """The plan and, by run id, each run's effective defense parameters (for
+    `Launch.expected_params`)."""
     out = run_child(["bench.worker", "plan"], {"suite": suite, "defenses": defenses,
                                                "methods": methods, "seeds": seeds},
                     "planning", launch, capture_stdout=True)
-    return [RunSpec.from_dict(raw) for raw in json.loads(out)]
+    raw_specs = json.loads(out)
+    specs = [RunSpec.from_dict(raw) for raw in raw_specs]
+    return specs, {spec.run_id: raw.get("effective_params", {})
+                   for spec, raw in zip(specs, raw_specs, strict=True)}

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.config import ConfigError, RunSpec, Suite, check_method
+from bench.config import ConfigError, RunSpec, Suite, check_method, load_suite
 from bench.data import DataNotFoundError
 from bench.errors import (
     DefenseError,
@@ -40,13 +40,15 @@ USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, RunMismatchError, No
                DefenseError, RunFailedError, RunBusyError, LockLostError, TimeoutError)
 
 
-def validate_spec(spec: RunSpec, suite: Suite) -> None:
+def validate_spec(spec: RunSpec, suite: Suite) -> dict[str, dict]:
     """Fail fast on unknown methods/defenses/parameters and slot conflicts,
-    before any data is loaded or any training starts (imports the defenses)."""
+    before any data is loaded or any training starts (imports the defenses). Returns each
+    defense's effective parameters (defaults < method defaults < suite < run), as the
+    record and the checkpoints store them."""
     from defenses.registry import build_defenses
 
     check_method(spec.method)
-    build_defenses(spec.defenses, spec.method, suite)
+    return {d.name: dict(d.hparams) for d in build_defenses(spec.defenses, spec.method, suite)}
 
 
 def train(payload: dict) -> None:
@@ -73,7 +75,11 @@ def plan(payload: dict) -> None:
 
     specs = plan_runs(payload["suite"], payload.get("defenses"), payload.get("methods"),
                       payload.get("seeds"))
-    print(json.dumps([s.to_dict() for s in specs]))
+    suite = load_suite(payload["suite"])
+    # with each run, its defenses' effective parameters: the launcher (which never imports
+    # defense code) checks a finished run's record against them before reusing it
+    print(json.dumps([{**s.to_dict(), "effective_params": validate_spec(s, suite)}
+                      for s in specs], default=str))
 
 
 def report(error_file: str | None, message: str) -> None:

@@ -7,7 +7,15 @@ import shutil
 
 import pytest
 
-from bench.config import ConfigError, RunSpec, Suite, list_suites, load_suite, parse_suite
+from bench.config import (
+    ConfigError,
+    DefenseSpec,
+    RunSpec,
+    Suite,
+    list_suites,
+    load_suite,
+    parse_suite,
+)
 from bench.engine import RunMismatchError
 from bench.runner import run_dir_for, run_one
 
@@ -209,3 +217,41 @@ def test_a_suite_travels_to_a_child_process_unchanged(name):
     assert again.protocol_hash == suite.protocol_hash and again.source_hash == suite.source_hash
     names = list(suite.defense_overrides) or ["awp"]
     assert again.run_hash(names) == suite.run_hash(names)
+
+
+def test_resuming_after_a_defense_default_changed_is_refused(tmp_path, monkeypatch):
+    """A half-finished run made under other defaults (e.g. an older ROBench) must not go on
+    under the new ones: the resumed run would mix two settings under one row."""
+    from invariants import train
+
+    from bench.data import build_splits
+    from defenses.hr import HR
+
+    smoke = load_suite("smoke")
+    splits = build_splits(smoke.data, None, smoke.curves.size)
+    hr = DefenseSpec("hr", ())
+    train(tmp_path, smoke, splits, defenses=(hr,), stop=1)
+    monkeypatch.setattr(HR, "params", {**HR.params, "alpha": HR.params["alpha"] + 0.25})
+    with pytest.raises(RunMismatchError, match=r"other parameters for AT\+HR.*hr\.alpha: "):
+        train(tmp_path, smoke, splits, defenses=(hr,))
+
+
+def test_a_finished_run_made_under_other_defaults_is_not_reused(tmp_path):
+    from bench.runner import Launch, plan_with_params_in_child
+    from defenses.hr import HR
+
+    smoke = load_suite("smoke")
+    specs, expected = plan_with_params_in_child("smoke", ["hr"], None, [0], Launch())
+    spec = next(s for s in specs if s.defense_names == ["hr"])
+    # the plan hands the launcher the parameters the run will have: HR's defaults here
+    # (the smoke suite sets none for it)
+    assert expected[spec.run_id] == {"hr": json.loads(json.dumps(HR.params))}
+    assert smoke.defense_overrides.get("hr") is None
+    launch = Launch(tmp_path, progress=False, expected_params=expected)
+    assert run_one(spec, suite=smoke, launch=launch).seconds > 0
+    assert run_one(spec, suite=smoke, launch=launch).seconds == 0.0  # reused
+    newer = {spec.run_id: {"hr": {**expected[spec.run_id]["hr"], "r": 0.5}}}
+    with pytest.raises(RunMismatchError, match=r"other parameters for AT\+HR than .* \(hr\.r: "
+                                               r"0\.2 -> 0\.5\)"):
+        run_one(spec, suite=smoke, launch=Launch(tmp_path, progress=False,
+                                                 expected_params=newer))
