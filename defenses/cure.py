@@ -149,8 +149,8 @@ class CURE(Defense):
                     "epochs; with warm_start=true, a separate clean model (the suite's "
                     "`standard` method, same architecture and seed) from the engine's "
                     "clean-model service, cached, its cost charged to the row"),
-        notes=("Defaults follow the authors' released code, not the paper's text (our first "
-               "specification had the paper's reading as default): one schedule, clean CE "
+        notes=("Defaults follow the authors' released code, not the paper's text (ROBench's first "
+               "version defaulted to the paper's reading): one schedule, clean CE "
                "for the first 40% of epochs (80 of 200; the script's off-by-one trains 79) "
                "then CURE with the same optimizer (the end-to-end script); mode=rgp_soft "
                "(signed score "
