@@ -263,8 +263,10 @@ def _run_locked(spec: RunSpec, suite: Suite, launch: Launch, run_dir: Path,
     if record_path.exists():
         record = read_record(record_path)  # validates
         check_record_matches(record, spec, suite, record_path)
-        check_record_params(record, (launch.expected_params or {}).get(spec.run_id), spec,
-                            record_path)
+        expected = (launch.expected_params or {}).get(spec.run_id)
+        if expected is None:  # not planned by this launcher (e.g. `robench run`): ask a child
+            expected = effective_params_in_child(spec, suite, launch)
+        check_record_params(record, expected, spec, record_path)
         check_record_checkpoints(record, run_dir)
         return RunResult(spec, run_dir, record_path, 0.0)
     train_in_child(spec, suite, launch)
@@ -275,6 +277,16 @@ def _run_locked(spec: RunSpec, suite: Suite, launch: Launch, run_dir: Path,
     check_record_matches(record, spec, suite, record_path)
     check_record_checkpoints(record, run_dir)
     return RunResult(spec, run_dir, record_path, time.perf_counter() - start)
+
+
+def effective_params_in_child(spec: RunSpec, suite: Suite, launch: Launch) -> dict[str, dict]:
+    """The run's effective defense parameters, from a child process (it imports defense
+    code): `bench.worker params`."""
+    out = run_child(["bench.worker", "params"], {"suite": suite.to_dict(),
+                                                 "spec": spec.to_dict()},
+                    f"checking the parameters of {spec.row_name} seed {spec.seed}", launch,
+                    capture_stdout=True)
+    return json.loads(out)
 
 
 def plan_in_child(suite: str, defenses: list[str] | None, methods: list[str] | None,

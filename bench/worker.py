@@ -1,16 +1,20 @@
 """The processes the launcher starts (`bench/runner.py`); not a user command.
 
-    python -m bench.worker train --error-file F [--debug]   < {"spec", "suite", ...}
-    python -m bench.worker plan  --error-file F [--debug]   < {"suite", "defenses", ...}
-    python -m bench.worker cost  --error-file F [--debug]   < {"suite", "specs", ...} + commands
+    python -m bench.worker train  --error-file F [--debug]  < {"spec", "suite", ...}
+    python -m bench.worker plan   --error-file F [--debug]  < {"suite", "defenses", ...}
+    python -m bench.worker params --error-file F [--debug]  < {"suite", "spec"}
+    python -m bench.worker cost   --error-file F [--debug]  < {"suite", "specs", ...} + commands
 
-`train` and `cost` are the only kinds of process that run defense code. `train` validates
+`train` and `cost` are the only kinds of process that run defense hooks. `train` validates
 the spec, builds the training splits (never the test split) and trains or resumes the run.
 `cost` (`bench/cost_probe.py`) runs blocks of training steps of each row on command, for
 `robench cost` to time from outside. `plan` expands a full evaluation into run specs (it
-reads the defenses' declared methods) and prints them as JSON. Each writes its one-line
-error to the error file and exits with status 2 (the user's input or defense code failed)
-or 1 (an internal error; `--debug` prints its traceback).
+reads the defenses' declared methods and builds each run's defenses, which runs their
+constructors and `check_run`) and prints them as JSON, each with its defenses' effective
+parameters; `params` prints those of one run (the launcher checks a finished run's record
+against them before reusing it). Each writes its one-line error to the error file and
+exits with status 2 (the user's input or defense code failed) or 1 (an internal error;
+`--debug` prints its traceback).
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ def plan(payload: dict) -> None:
                       for s in specs], default=str))
 
 
+def params(payload: dict) -> None:
+    """One run's effective defense parameters (what `validate_spec` returns), as JSON."""
+    suite = Suite.from_dict(payload["suite"])
+    print(json.dumps(validate_spec(RunSpec.from_dict(payload["spec"]), suite), default=str))
+
+
 def report(error_file: str | None, message: str) -> None:
     """The one line goes to the error file (the launcher prints it) or to stderr."""
     message = " ".join(message.split())  # one line, whatever the exception's text held
@@ -116,7 +126,7 @@ def child_main(action: Callable[[], None], error_file: str | None, debug: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker")
-    parser.add_argument("command", choices=("train", "plan", "cost"))
+    parser.add_argument("command", choices=("train", "plan", "params", "cost"))
     parser.add_argument("--error-file", default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(sys.stdin.readline())
         return child_main(lambda: serve(payload), args.error_file, args.debug)
     payload = json.loads(sys.stdin.read())
-    action = {"train": train, "plan": plan}[args.command]
+    action = {"train": train, "plan": plan, "params": params}[args.command]
     return child_main(lambda: action(payload), args.error_file, args.debug)
 
 

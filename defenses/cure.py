@@ -130,7 +130,10 @@ class CURE(Defense):
                  "suite": "cifar10-linf",
                  "note": "the table shows the same number as best and as last",
                  "differences": (FULL_TRAIN, "checkpoint: the paper evaluates only the final "
-                                 "model; compared with ROBench's last")},
+                                 "model; compared with ROBench's last",
+                                 "recipe: ROBench runs the released code's (80 clean epochs "
+                                 "in the schedule, mode rgp_soft, TRADES beta 5); the paper "
+                                 "does not say which released mode gave this number")},
                 ("clean", "final-only", 86.54), ("autoattack", "final-only", 50.23)),
             *(entry for label, defenses, params, values in (
                 ("AT", (), {}, (82.50, 83.99, 48.21, 42.46)),

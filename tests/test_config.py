@@ -255,3 +255,28 @@ def test_a_finished_run_made_under_other_defaults_is_not_reused(tmp_path):
                                                r"0\.2 -> 0\.5\)"):
         run_one(spec, suite=smoke, launch=Launch(tmp_path, progress=False,
                                                  expected_params=newer))
+
+
+KNOB = """\
+from defenses.base import Defense, DefenseCard
+
+
+class Knob(Defense):
+    card = DefenseCard(name="Knob", paper="a test")
+    params = {"k": 1}
+"""
+
+
+def test_a_single_run_does_not_reuse_a_record_made_under_other_defaults(tmp_path):
+    """`robench run` (no plan): the launcher asks a child for the run's parameters."""
+    module = tmp_path / "knob.py"
+    module.write_text(KNOB)
+    smoke = load_suite("smoke")
+    spec = RunSpec("smoke", "at", (DefenseSpec(f"{module}:Knob", ()),), 0)
+    results = tmp_path / "results"
+    assert run_one(spec, results, progress=False, suite=smoke).seconds > 0
+    assert run_one(spec, results, progress=False, suite=smoke).seconds == 0.0  # reused
+    module.write_text(KNOB.replace('"k": 1', '"k": 2'))  # the defense's default changed
+    with pytest.raises(RunMismatchError, match=r"other parameters for AT\+KNOB .*knob\.k: "
+                                               r"1 -> 2"):
+        run_one(spec, results, progress=False, suite=smoke)
