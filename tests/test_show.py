@@ -105,7 +105,9 @@ def test_cli_writes_a_valid_png_into_the_run_folder(run: Path, capsys) -> None:
     assert png_size(png) == (770, 495)  # 7 x 4.5 inches at 110 dpi
 
 
-def test_out_folder_and_out_file(run: Path, tmp_path: Path) -> None:
+def test_out_folder_out_file_and_no_plot(run: Path, tmp_path: Path) -> None:
+    assert main(["show", str(run), "--no-plot"]) == 0
+    assert not (run / "curves.png").exists()
     show(run, tmp_path / "plots")
     assert png_size(tmp_path / "plots" / "curves_run0.png") == (770, 495)
     show(run, tmp_path / "one.png")
