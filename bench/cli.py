@@ -4,6 +4,7 @@
     robench board --suite SUITE [--defenses ...] [--workers N | --ray [ADDRESS]]
     robench cost --suite SUITE [--defenses ...] [--rounds R] [--steps N]
     robench evaluate RUN_DIR
+    robench show RUN_DIR [--out PATH] [--no-plot]
     robench verify [RESULTS] [--reevaluate K]
     robench check PATH.py:Class | NAME
     robench leaderboard [--results DIR] [--out DIR] [--strict]
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="CPU threads")
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument("--error-file", default=None, help=argparse.SUPPRESS)
+
+    sh = sub.add_parser("show", help="one run: its curves as a PNG (train vs validation, best "
+                        "epoch marked) and a summary of its record (metrics, flags, costs)")
+    sh.add_argument("run_dir")
+    sh.add_argument("--out", default=None,
+                    help="the PNG: a .png file, or a folder (default: RUN_DIR/curves.png)")
+    sh.add_argument("--no-plot", action="store_true", help="the text summary only")
 
     ve = sub.add_parser("verify", help="validate every record under RESULTS against its "
                         "schema and its checkpoints; optionally re-evaluate some")
@@ -220,6 +228,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from bench.show import show
+
+    print(show(args.run_dir, args.out, plot=not args.no_plot))
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard.compile import write_leaderboard
 
@@ -302,6 +317,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "board": cmd_board, "cost": cmd_cost, "evaluate": cmd_evaluate,
+            "show": cmd_show,
             "verify": cmd_verify, "check": cmd_check, "leaderboard": cmd_leaderboard,
             "recheck-co": cmd_recheck_co, "list": cmd_list}
 
