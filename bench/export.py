@@ -243,6 +243,8 @@ def export_robustbench(run_dir: Path, out: Path, checkpoint: str = "last",
     run_dir, out = Path(run_dir), Path(out)
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--robustbench {out}: a file is there; give a folder to write into")
     path = run_dir / "record.json"
     if not path.is_file():
         raise RecordError(f"{run_dir} is not an evaluated run folder (no record.json); train "

@@ -146,7 +146,7 @@ def test_card_fields_and_the_published_number(run_dir, tmp_path):
     assert entry["reported"] == "" and entry["additional_data"] is True
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_record", "tampered"])
+@pytest.mark.parametrize("case", ["missing", "not_a_record", "tampered", "out_is_a_file"])
 def test_bad_run_folder_is_one_clear_line(run_dir, tmp_path, capsys, case):
     folder = tmp_path / "run"
     if case != "missing":
@@ -155,12 +155,14 @@ def test_bad_run_folder_is_one_clear_line(run_dir, tmp_path, capsys, case):
         (folder / "record.json").write_text("{}")
     if case == "tampered":
         (folder / "last.pt").write_bytes((folder / "best.pt").read_bytes())
+    if case == "out_is_a_file":
+        (tmp_path / "out").write_text("")
     assert main(["export", str(folder), "--robustbench", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("robench: error: ") and "\n" not in err
     assert {"missing": "no record.json", "not_a_record": "schema",
-            "tampered": "sha256 differs"}[case] in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+            "tampered": "sha256 differs", "out_is_a_file": "a file is there"}[case] in err
+    assert not (tmp_path / "out").is_dir() or not any((tmp_path / "out").iterdir())
 
 
 def test_export_imports_no_defense_code(run_dir, tmp_path):
