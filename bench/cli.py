@@ -9,6 +9,7 @@
     robench check PATH.py:Class | NAME
     robench leaderboard [--results DIR] [--out DIR] [--strict]
     robench recheck-co [--results DIR] [--dry-run]
+    robench export RUN_DIR --robustbench OUT [--checkpoint last|best] [--suite SUITE]
     robench list
 
 Importing this module imports no defense code: `run` trains in a child process, and
@@ -123,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "to existing records, from the curves they store (no retraining)")
     co.add_argument("--results", default="results")
     co.add_argument("--dry-run", action="store_true", help="report changes, write nothing")
+
+    ex = sub.add_parser("export", help="an evaluated run as a RobustBench-style model entry "
+                        "(JSON), a plain state_dict and its architecture")
+    ex.add_argument("run_dir")
+    ex.add_argument("--robustbench", required=True, metavar="OUT",
+                    help="folder to write the entry, the state_dict and the architecture into")
+    ex.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                    help="which checkpoint (default: last)")
+    ex.add_argument("--suite", default=None, help="suite file, if not the built-in suite the "
+                    "record names")
 
     sub.add_parser("list", help="suites, methods and defenses with their cards")
     for name, command in sub.choices.items():
@@ -283,6 +294,17 @@ def _co_text(verdict: dict | None) -> str:
     return "none" if not verdict else str(verdict.get("epoch"))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from bench.export import export_robustbench, summary_line
+
+    paths = export_robustbench(Path(args.run_dir), Path(args.robustbench),
+                               checkpoint=args.checkpoint, suite=args.suite)
+    print(summary_line(paths))
+    for path in paths:
+        print(path)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from defenses.base import list_defenses
 
@@ -319,7 +341,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "board": cmd_board, "cost": cmd_cost, "evaluate": cmd_evaluate,
             "show": cmd_show,
             "verify": cmd_verify, "check": cmd_check, "leaderboard": cmd_leaderboard,
-            "recheck-co": cmd_recheck_co, "list": cmd_list}
+            "recheck-co": cmd_recheck_co, "export": cmd_export, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
