@@ -580,8 +580,8 @@ def test_written_files_markdown_csv_and_json(results: Path, tmp_path: Path) -> N
     out = tmp_path / "out"
     paths = write_leaderboard(results, out, current_hashes=CURRENT)
     names = [p.name for p in paths]
-    assert names[:5] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json",
-                         "reproduction.md", "reproduction.json"]
+    assert names[:6] == ["leaderboard.md", "leaderboard.csv", "leaderboard.json",
+                         "leaderboard.tex", "reproduction.md", "reproduction.json"]
     assert "curves_quick.png" in names and all(p.exists() for p in paths)
     md = (out / "leaderboard.md").read_text()
     assert "## quick" in md and "A quick suite." in md and HASH[:12] in md
@@ -620,7 +620,7 @@ def test_curves_are_drawn_for_the_official_rows_only(tmp_path: Path) -> None:
     rows = curve_rows(group)
     assert list(rows) == ["AT"] and [r["spec"]["seed"] for r in rows["AT"]] == [0, 1]
     paths = write_leaderboard(res, tmp_path / "out", current_hashes=CURRENT)
-    assert [p.name for p in paths][5:] == ["curves_quick.png"]
+    assert [p.name for p in paths][6:] == ["curves_quick.png"]
 
 
 def test_markdown_escapes_pipes() -> None:
