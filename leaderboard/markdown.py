@@ -93,6 +93,8 @@ STATS_LEGEND = (
     "the seed level of the bootstrap can only draw among those seeds, so its interval is "
     "narrower than the seeds' true spread would give; read it together with the t intervals."
 )
+NO_BASE = (" This suite has no base row (no official plain PGD-AT, TRADES, FGSM-RS, N-FGSM or "
+           "standard-training row), so its Δ columns are empty.")
 UNOFFICIAL_HEADING = "### Runs with seeds the suite does not ask for (not ranked)"
 
 
@@ -274,6 +276,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     base = bases[0] if bases else "AT"
     vs_bases = [b for b in table["vs_base"].astype(str).unique() if b]
     vs = vs_bases[0] if vs_bases else "base"
+    stats_legend = STATS_LEGEND.replace("VS", vs) + ("" if vs_bases else NO_BASE)
     n = ev["n_images"]
     aa = ev["autoattack"]["column"] + _img(ev["autoattack"]["n_images"], n)
     aa_best = f"{ev['autoattack']['column']} best{_img(ev['autoattack']['n_images'], n)}"
@@ -291,7 +294,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     legend = (evaluation_legend(ev) + " "
               + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
               .replace("BASE", base)
-              + (" " + CO_LEGEND if co else "") + " " + STATS_LEGEND.replace("VS", vs))
+              + (" " + CO_LEGEND if co else "") + " " + stats_legend)
     if len(official):
         out += [_table(official, headers, co, extra), ""]
     else:

@@ -33,6 +33,12 @@ def test_t_quantile_matches_printed_tables(df: int) -> None:
     assert t_quantile(df) == pytest.approx(T_TABLE[df], abs=5e-5)
 
 
+def test_t_quantile_matches_scipy_for_every_small_df() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 41):
+        assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+
+
 def test_t_interval_by_hand() -> None:
     # 0.40, 0.42, 0.44: mean 0.42, s = 0.02, half width 4.3027 * 0.02 / sqrt(3) = 0.049683
     low, high = t_interval([0.40, 0.42, 0.44])
