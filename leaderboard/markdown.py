@@ -90,8 +90,8 @@ STATS_LEGEND = (
     "seeds of the mean per-image difference; the interval is the 2.5th to 97.5th "
     f"percentile (random generator seeded with {BOOTSTRAP_SEED}, so the board is "
     f"reproducible). {RESOLVED} = resolved at 95%: the interval excludes 0. With few seeds "
-    "the seed level of the bootstrap can only draw among those seeds, so its interval is "
-    "narrower than the seeds' true spread would give; read it together with the t intervals."
+    "the seed level of the bootstrap can only draw among those seeds, so its interval can "
+    "be too narrow; read it together with the t intervals."
 )
 NO_BASE = (" This suite has no base row (no official plain PGD-AT, TRADES, FGSM-RS, N-FGSM or "
            "standard-training row), so its Δ columns are empty.")
