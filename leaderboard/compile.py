@@ -1,4 +1,4 @@
-"""Compile run records into the leaderboard: Markdown, CSV, JSON, curve plots and the
+"""Compile run records into the leaderboard: Markdown, CSV, JSON, LaTeX, curve plots and the
 reproduction table (published numbers vs ROBench's, `leaderboard.reproduction`).
 
     python -m leaderboard.compile --results results --out leaderboard_out [--strict]
@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from leaderboard.costs import load_costs
+from leaderboard.latex import render_latex
 from leaderboard.markdown import render_markdown
 from leaderboard.plots import plot_groups
 from leaderboard.records import (
@@ -86,15 +87,16 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
                       strict: bool = False,
                       current_hashes: dict[str, str] | None = None,
                       cards: dict[str, dict] | None = None) -> list[Path]:
-    """Compile every record under `results_dir`; write leaderboard.md/.csv/.json, the
-    reproduction table reproduction.md/.json (+ PNGs).
+    """Compile every record under `results_dir`; write leaderboard.md/.csv/.json/.tex
+    (the .tex: one booktabs table per suite), the reproduction table
+    reproduction.md/.json (+ PNGs).
 
     `strict`: an invalid record raises `InvalidRecordError` instead of being left out
     with a warning. `current_hashes`: suite name -> protocol hash of the current suite
     file (None: the installed suite files). `cards`: the defense cards the reproduction
     table lists (registry name -> `DefenseCard.to_dict()`; None: every registered
-    defense). Returns the written paths: Markdown, CSV, JSON, reproduction Markdown and
-    JSON, then one curves PNG per suite key.
+    defense). Returns the written paths: Markdown, CSV, JSON, LaTeX, reproduction Markdown
+    and JSON, then one curves PNG per suite key.
     """
     records = load_records(results_dir, strict=strict)
     groups = prepare(records, current_hashes)
@@ -107,7 +109,9 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
     all_rows(tables).to_csv(csv, index=False)
     js.write_text(json.dumps(_json_document(tables), indent=2, ensure_ascii=False) + "\n",
                   encoding="utf-8")
-    paths = [md, csv, js, *write_reproduction(out, groups, tables, cards)]
+    tex = out / "leaderboard.tex"
+    tex.write_text(render_latex(tables, source=str(results_dir)), encoding="utf-8")
+    paths = [md, csv, js, tex, *write_reproduction(out, groups, tables, cards)]
     if plots:
         paths += plot_groups(groups, out)
     return paths

@@ -7,9 +7,11 @@ from typing import Any
 
 import pandas as pd
 
-from leaderboard.tables import MARK_UNOFFICIAL
+from leaderboard.statistics import BOOTSTRAP_SEED, RESAMPLES
+from leaderboard.tables import MARK_UNOFFICIAL, PAIRED_METRICS
 
 DASH = "–"
+RESOLVED = "✓"  # a difference to the base row whose 95% interval excludes 0
 
 LEGEND = (
     "*best*: the checkpoint with the highest PGD robust accuracy on the held-out validation "
@@ -71,6 +73,28 @@ CO_LEGEND = (
     "below its running maximum) while FGSM accuracy stayed high (at least its value at the "
     "PGD peak minus 10 points, and 20 points above PGD); see `bench/overfitting.py`."
 )
+STATS_LEGEND = (
+    "*[low, high]* after a mean: its 95% confidence interval over the row's seeds, a "
+    "Student t interval, mean ± t(0.975, n−1) · s / √n with s the sample standard "
+    "deviation and n the seeds (none with a single seed); it covers the spread between "
+    "seeds, not the choice of the test images. A rank shown as *2–4*: the ranks the row "
+    "could take given these intervals of the mean last worst case, from 1 + the rows whose "
+    "interval lies wholly above its own to the rows whose interval does not lie wholly "
+    "below it; rows whose intervals overlap are tied and share ranks (a row with one seed "
+    "has no interval and spans every rank). *Δ … vs VS*: the row's difference to the "
+    "suite's base row VS in percentage points (last worst case; gap of the worst case), "
+    "paired: only the seeds both rows ran, and within a seed the same test images. Its "
+    f"[low, high] is a 95% paired bootstrap interval: {RESAMPLES} resamples, each drawing "
+    "the paired seeds with replacement and then, within each drawn seed, the test images "
+    "with replacement (the same images for both rows), the statistic being the mean over "
+    "seeds of the mean per-image difference; the interval is the 2.5th to 97.5th "
+    f"percentile (random generator seeded with {BOOTSTRAP_SEED}, so the board is "
+    f"reproducible). {RESOLVED} = resolved at 95%: the interval excludes 0. With few seeds "
+    "the seed level of the bootstrap can only draw among those seeds, so its interval can "
+    "be too narrow; read it together with the t intervals."
+)
+NO_BASE = (" This suite has no base row (no official plain PGD-AT, TRADES, FGSM-RS, N-FGSM or "
+           "standard-training row), so its Δ columns are empty.")
 UNOFFICIAL_HEADING = "### Runs with seeds the suite does not ask for (not ranked)"
 
 
@@ -160,17 +184,44 @@ def _img(k: int, n: int) -> str:
     return f" ({k} img)" if 0 < k < n else ""
 
 
+def interval(low: Any, high: Any, signed: bool = False) -> str:
+    """A 95% interval of fractions in %: '[37.03, 46.97]' ('[+1.50, +7.50]'), '' if none."""
+    if _missing(low) or _missing(high):
+        return ""
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"[{fmt.format(100 * low)}, {fmt.format(100 * high)}]"
+
+
 def _cell(row: pd.Series, col: str) -> str:
     text = pct(row[f"{col}_mean"], row[f"{col}_std"])
+    if text != DASH and (ci := interval(row[f"{col}_ci_low"], row[f"{col}_ci_high"])):
+        text += f" {ci}"
     k, n = row[f"{col}_n"], row["n_seeds"]
     if text != DASH and not _missing(k) and not _missing(n) and int(k) < int(n):
         text += f" ({int(k)}/{int(n)})"
     return text
 
 
+def vs_base_cell(row: pd.Series, metric: str) -> str:
+    """'+4.00 [+1.50, +7.50] ✓': the paired difference to the base row in points, its
+    bootstrap interval, ✓ when it excludes 0; '(base)' on the base row, '–' without one."""
+    if row.get("vs_base") and row["row"] == row["vs_base"] and row["official"]:
+        return "(base)"
+    diff = row.get(f"{metric}_vs_base")
+    if _missing(diff):
+        return DASH
+    text = f"{100 * diff:+.2f} " + interval(row[f"{metric}_vs_base_ci_low"],
+                                          row[f"{metric}_vs_base_ci_high"], signed=True)
+    flag = row[f"{metric}_vs_base_resolved"]
+    return text + (f" {RESOLVED}" if not pd.isna(flag) and bool(flag) else "")
+
+
 def rank_cell(row: pd.Series) -> str:
-    """The rank (with † where a health check fired), or the marks of an unranked row."""
+    """The rank, or the range of ranks its interval allows ('1–3'), with † where a health
+    check fired; or the marks of an unranked row."""
     rank = "" if pd.isna(row["rank"]) else str(int(row["rank"]))
+    if rank and str(row.get("rank_range") or ""):
+        rank = str(row["rank_range"])
     return " ".join(p for p in (rank, str(row["marks"] or "")) if p)
 
 
@@ -183,6 +234,7 @@ def _table(table: pd.DataFrame, headers: list[str], co: bool, extra: bool) -> st
     rows = []
     for _, r in table.iterrows():
         cells = [rank_cell(r), r["row"]] + [_cell(r, col) for col in VALUE_CELLS]
+        cells += [vs_base_cell(r, m) for m in PAIRED_METRICS]
         cells += [_best_epoch(r)] + ([co_cell(r)] if co else [])
         cells += [r["seeds"], ratio(r["cost_vs_base"]), ratio(r["passes_vs_base"]),
                   r["flags"] or DASH, r["notes"] or DASH]
@@ -222,6 +274,9 @@ def suite_markdown(table: pd.DataFrame) -> str:
     co = "co_seeds" in table.columns
     bases = [b for b in table["cost_base"].astype(str).unique() if b]
     base = bases[0] if bases else "AT"
+    vs_bases = [b for b in table["vs_base"].astype(str).unique() if b]
+    vs = vs_bases[0] if vs_bases else "base"
+    stats_legend = STATS_LEGEND.replace("VS", vs) + ("" if vs_bases else NO_BASE)
     n = ev["n_images"]
     aa = ev["autoattack"]["column"] + _img(ev["autoattack"]["n_images"], n)
     aa_best = f"{ev['autoattack']['column']} best{_img(ev['autoattack']['n_images'], n)}"
@@ -229,7 +284,8 @@ def suite_markdown(table: pd.DataFrame) -> str:
     wc = _img(ev["worst_case"]["n_images"], n)
     headers = ["#", "row", "clean best", "clean last", "PGD-20 best", "PGD-20 last",
                aa_best, aa_last, f"worst case best{wc}", f"worst case last{wc}",
-               "gap PGD-20", f"gap {aa}", f"gap worst case{wc}", "best epoch"]
+               "gap PGD-20", f"gap {aa}", f"gap worst case{wc}",
+               f"Δ worst case last vs {vs}", f"Δ gap worst case vs {vs}", "best epoch"]
     headers += (["CO"] if co else []) + ["seeds", f"cost vs {base}", f"passes vs {base}",
                                          "flags", "notes"]
     headers += ["extra pretraining"] if extra else []
@@ -238,7 +294,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     legend = (evaluation_legend(ev) + " "
               + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
               .replace("BASE", base)
-              + (" " + CO_LEGEND if co else ""))
+              + (" " + CO_LEGEND if co else "") + " " + stats_legend)
     if len(official):
         out += [_table(official, headers, co, extra), ""]
     else:

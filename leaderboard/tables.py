@@ -9,7 +9,13 @@ Ranking. Only the trained model is ranked, by the mean last-checkpoint worst cas
 per-image fraction robust to every attack), descending, ties by row label. A row whose
 trained model raised a `masking` or `integrity` flag on any seed or checkpoint is not
 ranked (mark ⚑, listed after the ranked rows); a `health` flag marks it (†) but it keeps
-its rank; `note` flags only go to the `notes` column.
+its rank; `note` flags only go to the `notes` column. Each ranked row also gets the range
+of ranks its 95% t interval of the mean allows (`rank_range`, "2–4" where intervals overlap).
+
+Statistics (`leaderboard.statistics`): each mean has its 95% t interval over seeds
+(`<value>_ci_low`, `<value>_ci_high`); each official trained row has its difference to the
+suite's base row (the one the cost column divides by) in last worst case and in its gap,
+with a paired bootstrap interval over seeds and test images (`<metric>_vs_base*`).
 """
 
 from __future__ import annotations
@@ -40,17 +46,25 @@ from leaderboard.records import (
     canonical,
     created_at,
 )
+from leaderboard.statistics import paired_difference, rank_ranges, resolved, t_interval
 
 DECIMALS = 6
 TRAINED = "model"  # the trained model's name in `metrics`; the only one ever ranked
 GAP_METRICS = ("pgd20", "autoattack", "worst_case")
 VALUE_COLUMNS = ([f"{m}_{c}" for m in METRICS for c in CHECKPOINTS]
                  + [f"gap_{m}" for m in GAP_METRICS])
-STATS = ("mean", "std", "n")  # `_n`: the seeds a value was averaged over
+# `_n`: the seeds a value was averaged over; `_ci_low`/`_ci_high`: its 95% t interval
+STATS = ("mean", "std", "n", "ci_low", "ci_high")
+# the metrics compared with the base row by a paired bootstrap (leaderboard.statistics)
+PAIRED_METRICS = ("worst_case_last", "gap_worst_case")
+VS_BASE_COLUMNS = (["vs_base", "vs_base_seeds"]
+                   + [f"{m}_vs_base{s}" for m in PAIRED_METRICS
+                      for s in ("", "_ci_low", "_ci_high", "_resolved")])
 COLUMNS = (
     ["suite", "rank", "row", "row_name", "model", "official", "marks", "method", "defenses",
      "params", "run_hash"]
     + [f"{v}_{s}" for v in VALUE_COLUMNS for s in STATS]
+    + ["rank_low", "rank_high", "rank_range"] + VS_BASE_COLUMNS
     + ["best_epoch_mean", "epochs", "n_seeds", "seeds_expected", "seeds", "seed_list",
        "seconds_per_epoch_mean", "passes_mean", "cost_vs_base", "passes_vs_base", "cost_base",
        "pretraining_seconds_mean", "extra_pretraining", "flags", "notes", "run_ids"]
@@ -220,18 +234,20 @@ def bucket_rows(key: str, bucket: Bucket, expected: list[int], clock: str) -> li
         runs = [r[model] for r in per_run if model in r]
         trained = model == TRAINED
         levels = set().union(*(r["levels"] for r in runs))
-        row = {"suite": key, "rank": None,
+        row = {"suite": key, "rank": None, "rank_low": None, "rank_high": None,
+               "rank_range": "",
                "row": bucket.row if trained else f"{SUB_ROW} {bucket.row} [{model}]",
                "row_name": first["row_name"], "model": model, "official": bucket.official,
                "marks": _marks(levels, bucket.official),
                "method": first["spec"]["method"], "defenses": "+".join(defense_names(first)),
                "params": params_text(first), "run_hash": first["suite"]["run_hash"],
                "_ranked": bucket.official and trained and not levels & set(UNRANKED_LEVELS),
-               "_key": bucket.key}
+               "_key": bucket.key, "_records": bucket.records if trained else []}
         for col in VALUE_COLUMNS:
             # `_n` < `n_seeds` where a seed has no value (or lacks this extra model)
-            row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = _stats(
-                [r[col] for r in runs])
+            values = [r[col] for r in runs]
+            row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = _stats(values)
+            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = t_interval(values)
         epochs = {r["epochs"] for r in runs if not math.isnan(r["epochs"])}
         co_epochs = [r["co_epoch"] for r in runs if not math.isnan(r["co_epoch"])]
         row.update(
@@ -276,6 +292,40 @@ def _order(families: list[list[dict]]) -> list[list[dict]]:
         return (not head["official"], not head["_ranked"], math.isnan(worst),
                 -worst if not math.isnan(worst) else 0.0, head["row"])
     return sorted(families, key=key)
+
+
+def _rank(families: list[list[dict]]) -> None:
+    """Number the ranked rows in order, and give each the range of ranks its 95% interval
+    of the mean last worst case allows (`rank_ranges`): "2–4" where intervals overlap."""
+    heads = [f[0] for f in families if f[0]["_ranked"]]
+    spans = rank_ranges([(h["worst_case_last_ci_low"], h["worst_case_last_ci_high"])
+                         for h in heads])
+    for rank, (head, (low, high)) in enumerate(zip(heads, spans), start=1):
+        head.update(rank=rank, rank_low=low, rank_high=high,
+                    rank_range=str(rank) if low == high else f"{low}–{high}")
+
+
+def _compare_with_base(families: list[list[dict]], base: dict | None) -> None:
+    """Each official trained row's paired difference to the base row (PAIRED_METRICS,
+    `leaderboard.statistics.paired_difference`); NaN for the base itself, sub-rows and
+    the rows of other seeds."""
+    for family in families:
+        for row in family:
+            row.update({c: math.nan for c in VS_BASE_COLUMNS})
+            row["vs_base"] = base["row"] if base is not None else ""
+            row["vs_base_seeds"] = 0
+    if base is None:
+        return
+    for family in families:
+        head = family[0]
+        if head is base or not head["official"]:
+            continue
+        for metric in PAIRED_METRICS:
+            d = paired_difference(head["_records"], base["_records"], metric)
+            head.update({f"{metric}_vs_base": d["diff"], f"{metric}_vs_base_ci_low": d["low"],
+                         f"{metric}_vs_base_ci_high": d["high"],
+                         f"{metric}_vs_base_resolved": resolved(d["low"], d["high"])})
+            head["vs_base_seeds"] = d["seeds"]
 
 
 def evaluation_info(rec: dict) -> dict:
@@ -334,13 +384,10 @@ def suite_table(group: SuiteGroup, cost: dict | None = None) -> pd.DataFrame:
             warn_mixed_provenance(key, bucket)
         families.append(bucket_rows(key, bucket, expected, clock))
     families = _order(families)
-    rank = 0
-    for family in families:
-        if family[0]["_ranked"]:
-            rank += 1
-            family[0]["rank"] = rank
-    table = pd.DataFrame([row for family in families for row in family])
+    _rank(families)
     base = _base_row(families)
+    _compare_with_base(families, base)
+    table = pd.DataFrame([row for family in families for row in family])
     if base is not None:
         table["cost_vs_base"] = table["cost_per_epoch_mean"] / base["cost_per_epoch_mean"]
         table["passes_vs_base"] = table["passes_mean"] / base["passes_mean"]
@@ -352,7 +399,10 @@ def suite_table(group: SuiteGroup, cost: dict | None = None) -> pd.DataFrame:
     if measured is not None:
         table["cost_vs_base"] = [measured.get(k, math.nan) for k in table["_key"]]
         table["cost_base"] = cost.get("base") or ""
-    table["rank"] = table["rank"].astype("Int64")
+    for col in ("rank", "rank_low", "rank_high"):
+        table[col] = table[col].astype("Int64")
+    for col in (f"{m}_vs_base_resolved" for m in PAIRED_METRICS):
+        table[col] = table[col].astype("boolean")  # <NA> where no difference was taken
     table = table[COLUMNS + (CO_COLUMNS if has_co_data(records) else [])].reset_index(drop=True)
     floats = table.select_dtypes("float").columns
     table[floats] = table[floats].round(DECIMALS)  # drop float noise such as 1e-17 stds
