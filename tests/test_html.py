@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 from test_leaderboard import AWP, CURRENT, EMA, flag, make_record, write
 
+from defenses.base import DefenseCard
+from defenses.published import Published
 from leaderboard.compile import write_leaderboard
 
 XSS = "<script>alert(1)</script>"
@@ -53,7 +55,10 @@ def results(root: Path) -> Path:
 def page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
     root = tmp_path_factory.mktemp("html")
     out = root / "out"
-    paths = write_leaderboard(results(root), out, current_hashes=CURRENT)
+    card = DefenseCard(name="AWP", paper="Toy", published=(
+        Published(value=50.0, metric="autoattack", checkpoint="last", method="at",
+                  defenses=("awp",), label=f"AT-AWP {XSS}", suite="quick"),)).to_dict()
+    paths = write_leaderboard(results(root), out, current_hashes=CURRENT, cards={"awp": card})
     assert paths[-1] == out / "leaderboard.html"
     return out / "leaderboard.html", pd.read_csv(out / "leaderboard.csv")
 
@@ -159,6 +164,16 @@ def test_self_contained_one_row_per_csv_row(page: tuple[Path, pd.DataFrame]) -> 
     assert "&lt;img src=x" in title
     assert rows[XSS][0][0] == "⚑" and rows["TRADES"][0][0] in ("1", "1–2", "1–3")
     assert rows["AT"][column(parsed, "t0", "Δ worst case last vs AT")][0] == "(base)"
+
+
+def test_reproduction_table_of_the_suite(page: tuple[Path, pd.DataFrame]) -> None:
+    text = page[0].read_text()
+    body = text.split("<h3>Reproduction</h3>")[1].split("</table>")[0]
+    cells = re.findall(r"<td>(.*?)</td>", body)
+    # hand-computed: the AWP row's AutoAttack last is 38.00 on every seed; 38 - 50 = -12
+    assert cells == ["AWP", "AT-AWP &lt;script&gt;alert(1)&lt;/script&gt;", "AutoAttack",
+                     "last (not stated)", "50.00", "&lt;script&gt;alert(1)&lt;/script&gt;", "38.00",
+                     "50.00", "last", "-12.00", "measured"]
 
 
 def test_co_column_where_the_suite_has_it(tmp_path: Path) -> None:
