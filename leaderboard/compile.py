@@ -1,5 +1,6 @@
-"""Compile run records into the leaderboard: Markdown, CSV, JSON, LaTeX, curve plots and the
-reproduction table (published numbers vs ROBench's, `leaderboard.reproduction`).
+"""Compile run records into the leaderboard: Markdown, CSV, JSON, LaTeX, curve plots, the
+reproduction table (published numbers vs ROBench's, `leaderboard.reproduction`) and one
+self-contained HTML page of it all (`leaderboard.html`).
 
     python -m leaderboard.compile --results results --out leaderboard_out [--strict]
 
@@ -23,9 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 from leaderboard.costs import load_costs
+from leaderboard.html import render_html
 from leaderboard.latex import render_latex
 from leaderboard.markdown import render_markdown
-from leaderboard.plots import plot_groups
+from leaderboard.plots import curves_file, plot_groups
 from leaderboard.records import (
     InvalidRecordError,
     LeaderboardWarning,
@@ -89,14 +91,15 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
                       cards: dict[str, dict] | None = None) -> list[Path]:
     """Compile every record under `results_dir`; write leaderboard.md/.csv/.json/.tex
     (the .tex: one booktabs table per suite), the reproduction table
-    reproduction.md/.json (+ PNGs).
+    reproduction.md/.json, the curve PNGs and leaderboard.html (one self-contained page:
+    tables, curves inline, cards, reproduction; `leaderboard.html`).
 
     `strict`: an invalid record raises `InvalidRecordError` instead of being left out
     with a warning. `current_hashes`: suite name -> protocol hash of the current suite
     file (None: the installed suite files). `cards`: the defense cards the reproduction
     table lists (registry name -> `DefenseCard.to_dict()`; None: every registered
     defense). Returns the written paths: Markdown, CSV, JSON, LaTeX, reproduction Markdown
-    and JSON, then one curves PNG per suite key.
+    and JSON, then one curves PNG per suite key, then the HTML page.
     """
     records = load_records(results_dir, strict=strict)
     groups = prepare(records, current_hashes)
@@ -111,10 +114,16 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
                   encoding="utf-8")
     tex = out / "leaderboard.tex"
     tex.write_text(render_latex(tables, source=str(results_dir)), encoding="utf-8")
-    paths = [md, csv, js, tex, *write_reproduction(out, groups, tables, cards)]
+    repro_md, repro_js = write_reproduction(out, groups, tables, cards)
+    paths = [md, csv, js, tex, repro_md, repro_js]
     if plots:
         paths += plot_groups(groups, out)
-    return paths
+    curves = {key: out / curves_file(key) for key in tables} if plots else {}
+    repro = json.loads(repro_js.read_text(encoding="utf-8"))
+    page = out / "leaderboard.html"
+    page.write_text(render_html(tables, curves, [r for g in groups.values() for r in g.records],
+                                repro, source=str(results_dir)), encoding="utf-8")
+    return [*paths, page]
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -42,6 +42,11 @@ def curve_rows(group: SuiteGroup) -> dict[str, list[dict]]:
     return {b.row: b.records for b in buckets(group) if b.official}
 
 
+def curves_file(key: str) -> str:
+    """The file name of suite key `key`'s curves PNG."""
+    return f"curves_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
+
+
 def plot_groups(groups: dict[str, SuiteGroup], out_dir: str | Path) -> list[Path]:
     """Write `curves_<suite key>.png` for each suite key with curves; return the paths."""
     import matplotlib
@@ -73,7 +78,7 @@ def plot_groups(groups: dict[str, SuiteGroup], out_dir: str | Path) -> list[Path
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
-            path = out / f"curves_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
+            path = out / curves_file(key)
             fig.savefig(path, dpi=110)
             paths.append(path)
         plt.close(fig)

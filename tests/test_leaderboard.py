@@ -620,7 +620,7 @@ def test_curves_are_drawn_for_the_official_rows_only(tmp_path: Path) -> None:
     rows = curve_rows(group)
     assert list(rows) == ["AT"] and [r["spec"]["seed"] for r in rows["AT"]] == [0, 1]
     paths = write_leaderboard(res, tmp_path / "out", current_hashes=CURRENT)
-    assert [p.name for p in paths][6:] == ["curves_quick.png"]
+    assert [p.name for p in paths][6:] == ["curves_quick.png", "leaderboard.html"]
 
 
 def test_markdown_escapes_pipes() -> None:
