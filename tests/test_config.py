@@ -277,6 +277,6 @@ def test_a_single_run_does_not_reuse_a_record_made_under_other_defaults(tmp_path
     assert run_one(spec, results, progress=False, suite=smoke).seconds > 0
     assert run_one(spec, results, progress=False, suite=smoke).seconds == 0.0  # reused
     module.write_text(KNOB.replace('"k": 1', '"k": 2'))  # the defense's default changed
-    with pytest.raises(RunMismatchError, match=r"other parameters for AT\+KNOB .*knob\.k: "
+    with pytest.raises(RunMismatchError, match=r"other parameters for AT\+Knob .*knob\.k: "
                                                r"1 -> 2"):
         run_one(spec, results, progress=False, suite=smoke)
