@@ -24,7 +24,7 @@ import torch
 
 from bench.state import TrainState, kernel_parameters, preserved_bn_stats, shifted_weights
 from defenses.base import Defense, DefenseCard, register_defense
-from defenses.published import BEST_NOT_STATED, BEST_ON_TEST, FULL_TRAIN, entries
+from defenses.card import BEST_NOT_STATED, BEST_ON_TEST, FULL_TRAIN, entries
 
 
 def layerwise_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor],

@@ -21,7 +21,7 @@ from torch import nn
 
 from bench.clean_model import DEFAULT_RECIPE, CleanRecipe
 from bench.config import ConfigError, Suite
-from defenses.published import Published
+from defenses.card import Published
 
 if TYPE_CHECKING:
     from bench.state import TrainState
@@ -68,7 +68,7 @@ class DefenseCard:
         if not isinstance(entries, list | tuple) or not all(
                 isinstance(e, Published) for e in entries):
             raise ConfigError(f"card {self.name!r}: published must be a tuple of "
-                              "defenses.published.Published entries (free-form remarks go "
+                              "defenses.card.Published entries (free-form remarks go "
                               "in published_notes)")
         object.__setattr__(self, "published", tuple(entries))
         if not isinstance(self.published_notes, dict):

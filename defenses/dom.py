@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from bench.config import ConfigError
 from bench.state import TrainState, preserved_bn_stats
 from defenses.base import Defense, DefenseCard, register_defense
-from defenses.published import BEST_NOT_STATED, FULL_TRAIN, row
+from defenses.card import BEST_NOT_STATED, FULL_TRAIN, row
 
 METHODS = ("at", "fgsm_rs", "standard")
 AUGMENTATIONS = ("augmix", "randaugment")

@@ -16,6 +16,7 @@ from torchvision.transforms.functional import convert_image_dtype
 from bench.config import ConfigError
 from bench.state import TrainState, seeded_global_rng
 from defenses.base import DefenseCard, register_defense
+from defenses.card import BEST_NOT_STATED, FULL_TRAIN, row
 from defenses.dom import (
     _BASELINES,
     _CODE,
@@ -31,7 +32,6 @@ from defenses.dom import (
     _number,
     natural_loss,
 )
-from defenses.published import BEST_NOT_STATED, FULL_TRAIN, row
 
 
 def _rounds(defense: str, value: Any) -> int | None:

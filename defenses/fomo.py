@@ -46,7 +46,7 @@ from defenses._fomo_ops import (
     reset_optimizer_state_,
 )
 from defenses.base import Defense, DefenseCard, register_defense
-from defenses.published import entries
+from defenses.card import entries
 
 PHASES = ("relearn", "always")
 DEFAULT_PERIOD_FRACTION = 0.1  # period = 10% of training when left unset

@@ -56,7 +56,7 @@ from defenses.augment_ops import (
     uniform_int,
 )
 from defenses.base import Defense, DefenseCard, register_defense
-from defenses.published import BEST_NOT_STATED, FULL_TRAIN, entries
+from defenses.card import BEST_NOT_STATED, FULL_TRAIN, entries
 
 #: Erasing probability of each published variant (CIFAR-10).
 VARIANTS = {"strong": 1.0, "weak": 0.5}

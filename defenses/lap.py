@@ -76,7 +76,7 @@ from bench.config import ConfigError, Suite
 from bench.state import TrainState, kernel_parameters, preserved_bn_stats
 from defenses._optimizer_step import tentative_update
 from defenses.base import Defense, DefenseCard, register_defense
-from defenses.published import FULL_TRAIN, entries
+from defenses.card import FULL_TRAIN, entries
 
 VARIANTS = ("V", "R", "N")
 VARIANT_METHOD = {"V": "n_fgsm", "R": "fgsm_rs", "N": "n_fgsm"}

@@ -2,7 +2,7 @@
 number on the suite that runs the closest protocol (`reproduction.md` / `.json`, written
 beside the board by `leaderboard.compile.write_leaderboard`).
 
-Each published entry (`defenses.published.Published`, read as plain data from
+Each published entry (`defenses.card.Published`, read as plain data from
 `DefenseCard.to_dict()`) names a base method, its defenses, the parameters that pick the
 paper's variant and a suite (or none). Its ROBench number is the board's own: the official
 row of that suite's CURRENT table whose method, defenses and effective parameters match,

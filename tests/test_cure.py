@@ -35,6 +35,7 @@ from bench.config import ConfigError, DefenseSpec, ModelConfig, RunSpec
 from bench.engine import Trainer, collect_eval_models, learning_rate
 from bench.models import build_model
 from bench.records import load_checkpoint, read_history
+from defenses._cure_card import PER_ARCHITECTURE
 from defenses._cure_ops import (
     block_first_convs,
     clean_epochs,
@@ -49,7 +50,7 @@ from defenses._cure_ops import (
     update_mask,
 )
 from defenses.base import Defense
-from defenses.cure import CURE, PER_ARCHITECTURE
+from defenses.cure import CURE
 from defenses.registry import build_defenses
 
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ import pytest
 from test_leaderboard import AWP, CURRENT, EMA, flag, make_record, write
 
 from defenses.base import DefenseCard
-from defenses.published import Published
+from defenses.card import Published
 from leaderboard.compile import write_leaderboard
 
 XSS = "<script>alert(1)</script>"

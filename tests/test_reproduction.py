@@ -13,7 +13,7 @@ from test_leaderboard import HASH, OLD_HASH, make_record, write
 
 from bench.config import ConfigError
 from defenses.base import Defense, DefenseCard, list_defenses
-from defenses.published import Published
+from defenses.card import Published
 from leaderboard import reproduction
 from leaderboard.compile import LeaderboardWarning, write_leaderboard
 
