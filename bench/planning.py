@@ -30,6 +30,15 @@ from bench.config import (
 
 def plan_runs(suite_name: str, defenses: list[str] | None, methods: list[str] | None,
               seeds: list[int] | None) -> list[RunSpec]:
+    """The run specs of a full evaluation, each validated."""
+    return [spec for spec, _ in plan_runs_with_params(suite_name, defenses, methods, seeds)]
+
+
+def plan_runs_with_params(suite_name: str, defenses: list[str] | None,
+                          methods: list[str] | None, seeds: list[int] | None
+                          ) -> list[tuple[RunSpec, dict[str, dict]]]:
+    """The plan, each run with its defenses' effective parameters (from the validation that
+    builds them once)."""
     from bench.worker import validate_spec
     from defenses.base import list_defenses
 
@@ -66,6 +75,5 @@ def plan_runs(suite_name: str, defenses: list[str] | None, methods: list[str] | 
         if (method, ()) not in combos:
             combos.append((method, ()))
     specs_out = [RunSpec(suite.name, m, d, seed) for m, d in combos for seed in seeds]
-    for spec in specs_out:
-        validate_spec(spec, suite)  # fail before any training
-    return specs_out
+    # fail before any training; building the defenses also gives their parameters
+    return [(spec, validate_spec(spec, suite)) for spec in specs_out]

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.config import ConfigError, RunSpec, Suite, check_method, load_suite
+from bench.config import ConfigError, RunSpec, Suite, check_method
 from bench.data import DataNotFoundError
 from bench.errors import (
     DefenseError,
@@ -75,15 +75,14 @@ def train(payload: dict) -> None:
 
 
 def plan(payload: dict) -> None:
-    from bench.planning import plan_runs
+    from bench.planning import plan_runs_with_params
 
-    specs = plan_runs(payload["suite"], payload.get("defenses"), payload.get("methods"),
-                      payload.get("seeds"))
-    suite = load_suite(payload["suite"])
+    planned = plan_runs_with_params(payload["suite"], payload.get("defenses"),
+                                    payload.get("methods"), payload.get("seeds"))
     # with each run, its defenses' effective parameters: the launcher (which never imports
     # defense code) checks a finished run's record against them before reusing it
-    print(json.dumps([{**s.to_dict(), "effective_params": validate_spec(s, suite)}
-                      for s in specs], default=str))
+    print(json.dumps([{**spec.to_dict(), "effective_params": params}
+                      for spec, params in planned], default=str))
 
 
 def params(payload: dict) -> None:
