@@ -18,13 +18,13 @@ from attacks.pgd import pgd
 from bench.config import Suite
 
 
-def derive_seed(seed: int, stream: str) -> int:
+def derive_seed(seed: int | str, stream: str) -> int:
     """A 63-bit seed for a named random stream of a run (sha256 of seed and name)."""
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
-def make_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
+def make_generator(seed: int | str, stream: str, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, stream))
     return gen

@@ -91,8 +91,8 @@ from bench.methods import build_method
 from bench.models import build_model
 from bench.records import (
     atomic_torch_save,
+    check_same_params,
     load_checkpoint,
-    param_changes,
     write_history,
     write_json_atomic,
 )
@@ -372,14 +372,11 @@ class Trainer:
                 f"{self.run_dir / 'last.pt'} belongs to another run ({ckpt.get('spec')}); "
                 f"remove the folder or pick another results directory")
         self.check_suite_hash(ckpt, "delete the run folder to start over")
-        saved = ckpt.get("defense_params")
-        current = {d.name: dict(d.hparams) for d in self.defenses}
-        if saved is not None and saved != current:
-            raise RunMismatchError(
-                f"{self.run_dir / 'last.pt'} was trained with other parameters for "
-                f"{self.spec.row_name} than this version of ROBench gives it "
-                f"({'; '.join(param_changes(saved, current))}): a defense's defaults changed "
-                "since; delete the run folder to start over")
+        if ckpt.get("defense_params") is not None:
+            check_same_params(ckpt["defense_params"],
+                              {d.name: dict(d.hparams) for d in self.defenses},
+                              f"{self.run_dir / 'last.pt'} was trained with other parameters "
+                              f"for {self.spec.row_name}", "delete the run folder to start over")
         self.model.load_state_dict(ckpt["model"])
         for defense, sd in zip(self.defenses, ckpt["defenses"], strict=True):
             self.guard.run(defense, "load_state_dict (resume)", state,

@@ -149,20 +149,17 @@ def _cards(record: dict) -> list[dict]:
 def reported(record: dict, tag: str) -> str:
     """The published AutoAttack accuracy (percent) of a card entry that matches this run:
     same suite, base method, defenses, parameters and compared checkpoint; else ''."""
-    from leaderboard.reproduction import compared_checkpoint
+    from leaderboard.reproduction import compared_checkpoint, params_match
 
     spec = record["spec"]
     names = [d["name"] for d in spec["defenses"]]
-    have = record.get("defense_params") or {}
     for card in _cards(record):
         for entry in card.get("published") or ():
-            params = entry.get("params") or {}
             if (entry.get("metric") == "autoattack"
                     and entry.get("suite") == record["suite"]["name"]
                     and entry.get("method") == spec["method"]
                     and list(entry.get("defenses") or ()) == names
-                    and all((have.get(d) or {}).get(k, object()) == v
-                            for d, ps in params.items() for k, v in ps.items())
+                    and params_match(record, entry.get("params") or {})
                     and compared_checkpoint(entry) == tag):
                 return f"{float(entry['value']):.2f}"
     return ""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bench.errors import RunMismatchError
 from leaderboard.schema import SCHEMA, SchemaError
 
 RECORD_SCHEMA = SCHEMA  # the version this ROBench writes
@@ -127,8 +128,12 @@ def device_description(device: torch.device) -> str:
 _UNSET = object()
 
 
-def param_changes(found: dict[str, dict], want: dict[str, dict]) -> list[str]:
-    """`defense.param: old -> new` for every parameter that differs."""
+def check_same_params(found: dict[str, dict], want: dict[str, dict], what: str,
+                      remedy: str) -> None:
+    """Refuse a run folder made with other defense parameters than this ROBench gives the
+    run (e.g. a default changed since): one RunMismatchError line naming every change."""
+    if found == want:
+        return
     changes = []
     for name in sorted(set(found) | set(want)):
         old, new = found.get(name) or {}, want.get(name) or {}
@@ -136,4 +141,6 @@ def param_changes(found: dict[str, dict], want: dict[str, dict]) -> list[str]:
             if old.get(key, _UNSET) != new.get(key, _UNSET):
                 changes.append(f"{name}.{key}: {old.get(key, '(unset)')!r} -> "
                                f"{new.get(key, '(unset)')!r}")
-    return changes
+    raise RunMismatchError(f"{what} than this version of ROBench gives it "
+                           f"({'; '.join(changes) or 'other defenses'}): a defense's "
+                           f"defaults changed since; {remedy}")

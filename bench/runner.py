@@ -43,7 +43,7 @@ from bench.config import RunSpec, Suite, check_method, load_suite
 from bench.errors import RunBusyError, RunFailedError, RunMismatchError
 from bench.lifeline import PARENT_ENV
 from bench.locks import FolderLock
-from bench.records import RecordError, param_changes, read_record
+from bench.records import RecordError, check_same_params, read_record
 
 DEFAULT_RESULTS = Path("results")
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +74,10 @@ def check_record_params(record: dict, expected: dict[str, dict] | None, spec: Ru
     before a defense's defaults changed would otherwise stand in for the current row."""
     if expected is None:
         return
-    found = record.get("defense_params") or {}
-    want = json.loads(json.dumps(expected, default=str))
-    if found == want:
-        return
-    changes = param_changes(found, want)
-    raise RunMismatchError(
-        f"{path} was made with other parameters for {spec.row_name} than this version of "
-        f"ROBench gives it ({'; '.join(changes) or 'other defenses'}): a defense's defaults "
-        "changed since; move or delete that run folder to rerun it")
+    check_same_params(record.get("defense_params") or {},
+                      json.loads(json.dumps(expected, default=str)),
+                      f"{path} was made with other parameters for {spec.row_name}",
+                      "move or delete that run folder to rerun it")
 
 
 def sha256_file(path: Path) -> str:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError
+from bench.curves import make_generator
 from bench.state import TrainState
 
 EQUAL = "equal"
@@ -138,11 +139,7 @@ class SWA(nn.Module):
         self.generator: torch.Generator | None = None
 
     def bind_random_stream(self, seed_text: str, device: torch.device) -> None:
-        import hashlib
-
-        digest = hashlib.sha256(f"{seed_text}:swa".encode()).digest()
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
+        self.generator = make_generator(seed_text, "swa", device)
 
     def build(self, state: TrainState) -> None:
         self.averaged = WeightAverage(state.model, self.decay)

@@ -10,7 +10,6 @@ default. The engine's loop (`bench/engine.py`) documents when each hook runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
@@ -21,6 +20,7 @@ from torch import nn
 
 from bench.clean_model import DEFAULT_RECIPE, CleanRecipe
 from bench.config import ConfigError, Suite
+from bench.curves import make_generator
 from defenses.card import Published
 
 if TYPE_CHECKING:
@@ -131,9 +131,7 @@ class Defense(nn.Module):
     def bind_random_stream(self, run_seed: int, device: torch.device) -> None:
         """Give the defense a generator derived from the run seed and its name,
         so adding a defense never shifts the data order or the attack's randomness."""
-        digest = hashlib.sha256(f"{run_seed}:{self.name}".encode()).digest()
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
+        self.generator = make_generator(run_seed, self.name, device)
 
     # ---- hooks: all no-ops by default -------------------------------------
     def setup(self, state: TrainState) -> None: ...

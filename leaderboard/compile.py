@@ -65,10 +65,12 @@ def _json_document(tables: dict[str, pd.DataFrame]) -> dict:
 
 
 def write_reproduction(out_dir: Path, groups: dict, tables: dict[str, pd.DataFrame],
-                       cards: dict[str, dict] | None = None) -> list[Path]:
-    """Write reproduction.md/.json (see `leaderboard.reproduction`). `cards`: registry name
-    -> `DefenseCard.to_dict()`; None reads the registered defenses' cards. Cards that
-    cannot be read leave a warning and tables that say so, never a failed compile."""
+                       cards: dict[str, dict] | None = None) -> tuple[list[Path], dict]:
+    """Write reproduction.md/.json (see `leaderboard.reproduction`); return their paths and
+    the document as written to the JSON file (plain values, for the HTML page). `cards`:
+    registry name -> `DefenseCard.to_dict()`; None reads the registered defenses' cards.
+    Cards that cannot be read leave a warning and tables that say so, never a failed
+    compile."""
     error = ""
     if cards is None:
         try:
@@ -81,8 +83,9 @@ def write_reproduction(out_dir: Path, groups: dict, tables: dict[str, pd.DataFra
     doc = reproduction_document(cards, groups, tables, error)
     md, js = out_dir / "reproduction.md", out_dir / "reproduction.json"
     md.write_text(render_reproduction(doc), encoding="utf-8")
-    js.write_text(dump(doc), encoding="utf-8")
-    return [md, js]
+    text = dump(doc)
+    js.write_text(text, encoding="utf-8")
+    return [md, js], json.loads(text)
 
 
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool = True,
@@ -114,12 +117,11 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, plots: bool 
                   encoding="utf-8")
     tex = out / "leaderboard.tex"
     tex.write_text(render_latex(tables, source=str(results_dir)), encoding="utf-8")
-    repro_md, repro_js = write_reproduction(out, groups, tables, cards)
-    paths = [md, csv, js, tex, repro_md, repro_js]
+    repro_paths, repro = write_reproduction(out, groups, tables, cards)
+    paths = [md, csv, js, tex, *repro_paths]
     if plots:
         paths += plot_groups(groups, out)
     curves = {key: out / curves_file(key) for key in tables} if plots else {}
-    repro = json.loads(repro_js.read_text(encoding="utf-8"))
     page = out / "leaderboard.html"
     page.write_text(render_html(tables, curves, [r for g in groups.values() for r in g.records],
                                 repro, source=str(results_dir)), encoding="utf-8")

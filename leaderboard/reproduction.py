@@ -65,7 +65,7 @@ def _percent(value: Any) -> float | None:
     return round(100.0 * float(value), DECIMALS)
 
 
-def _params_match(rec: dict, wanted: dict) -> bool:
+def params_match(rec: dict, wanted: dict) -> bool:
     """The record's effective defense parameters include every `{defense: {param: value}}`."""
     have = rec.get("defense_params") or {}
     return all((have.get(defense) or {}).get(param, object()) == value
@@ -80,7 +80,7 @@ def _matching_rows(entry: dict, group: SuiteGroup, table: pd.DataFrame) -> list[
         rec = bucket.records[0]
         if not (bucket.official and rec["spec"]["method"] == entry["method"]
                 and defense_names(rec) == list(entry["defenses"])
-                and _params_match(rec, entry["params"])):
+                and params_match(rec, entry["params"])):
             continue
         found = table[(table["row"] == bucket.row) & (table["model"] == TRAINED)]
         if found.empty:

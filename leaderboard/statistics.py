@@ -24,6 +24,7 @@ numpy only; nothing here imports torch, `bench` or `defenses`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -59,6 +60,7 @@ def t_cdf_two_sided(t: float, df: int) -> float:
     return s * total
 
 
+@functools.cache
 def t_quantile(df: int, level: float = LEVEL) -> float:
     """The two-sided `level` critical value of Student's t, t((1 + level) / 2, df)."""
     if df < 1:
