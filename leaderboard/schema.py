@@ -51,6 +51,19 @@ def unpack_bits(text: str, n: int) -> list[bool]:
     return [bool(data[i // 8] & (0x80 >> (i % 8))) for i in range(n)]
 
 
+def decode_per_image(m: dict, bits: dict, where: str) -> dict[str, list[bool]]:
+    """A checkpoint's per-image results by attack: clean, PGD-20 and CW-20 on all `n` test
+    images, the other attacks on the first `n_worst_case` (the attack subset)."""
+    decoded: dict[str, list[bool]] = {}
+    for attack, text in bits.items():
+        length = m["n"] if attack in ("clean", "pgd20", "cw20") else m["n_worst_case"]
+        try:
+            decoded[attack] = unpack_bits(text, length)
+        except SchemaError as exc:
+            raise SchemaError(f"{where}[{attack!r}]: {exc}") from exc
+    return decoded
+
+
 def _fraction(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and 0.0 <= value <= 1.0)
@@ -84,14 +97,8 @@ def _check_metrics(model: str, ckpt: str, m: Any, bits: Any) -> None:
     _need(m["pgd20"] <= m["clean"] and m["cw20"] <= m["clean"], where,
           "an attack cannot raise accuracy above clean accuracy")
     _need(isinstance(bits, dict), f"per_image[{model!r}][{ckpt!r}]", "missing")
-    n, n_sub = m["n"], m["n_worst_case"]
-    decoded: dict[str, list[bool]] = {}
-    for attack, text in bits.items():
-        length = n if attack in ("clean", "pgd20", "cw20") else n_sub
-        try:
-            decoded[attack] = unpack_bits(text, length)
-        except SchemaError as exc:
-            raise SchemaError(f"per_image[{model!r}][{ckpt!r}][{attack!r}]: {exc}") from exc
+    n_sub = m["n_worst_case"]
+    decoded = decode_per_image(m, bits, f"per_image[{model!r}][{ckpt!r}]")
     clean = decoded.get("clean")
     if clean is not None:
         for attack, flags in decoded.items():

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from leaderboard.schema import unpack_bits
+from leaderboard.schema import decode_per_image
 
 LEVEL = 0.95
 RESAMPLES = 4000
@@ -92,11 +92,11 @@ def worst_case_bits(rec: dict, ckpt: str, model: str = "model") -> np.ndarray:
     """Per test image of the attack subset: robust to every attack (the worst case), as the
     record's schema defines it (the AND of every stored attack on the first images)."""
     m = rec["metrics"][model][ckpt]
-    n, n_sub = m["n"], m["n_worst_case"]
+    n_sub = m["n_worst_case"]
     worst = np.ones(n_sub, dtype=bool)
-    for attack, text in rec["per_image"][model][ckpt].items():
-        length = n if attack in ("clean", "pgd20", "cw20") else n_sub
-        worst &= np.array(unpack_bits(text, length)[:n_sub], dtype=bool)
+    for flags in decode_per_image(m, rec["per_image"][model][ckpt],
+                                  f"per_image[{model!r}][{ckpt!r}]").values():
+        worst &= np.array(flags[:n_sub], dtype=bool)
     return worst
 
 
