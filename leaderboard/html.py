@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from pathlib import Path
 from string import Template
@@ -28,17 +27,15 @@ from typing import Any
 import pandas as pd
 
 from leaderboard.markdown import (  # the Markdown board's cells and legend, same words
-    CO_LEGEND,
     DASH,
-    LEGEND,
-    NO_BASE,
     RESOLVED,
-    STATS_LEGEND,
     _img,
+    base_names,
+    board_legend,
     co_cell,
-    cost_legend,
-    evaluation_legend,
     interval,
+    is_base_row,
+    missing,
     pct,
     rank_cell,
     ratio,
@@ -60,8 +57,6 @@ def h(text: Any) -> str:
     return html.escape("" if text is None else str(text), quote=True)
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def prose(text: str) -> str:
@@ -73,7 +68,7 @@ def prose(text: str) -> str:
 
 def _num(value: Any) -> str:
     """The data-v of a numeric cell ('' when missing: sorts last)."""
-    if _missing(value):
+    if missing(value):
         return ""
     return repr(float(value))
 
@@ -92,7 +87,7 @@ def value_cell(row: pd.Series, col: str) -> str:
     text = pct(mean, row[f"{col}_std"])
     ci = interval(row[f"{col}_ci_low"], row[f"{col}_ci_high"])
     k, n = row[f"{col}_n"], row["n_seeds"]
-    if text != DASH and not _missing(k) and not _missing(n) and int(k) < int(n):
+    if text != DASH and not missing(k) and not missing(n) and int(k) < int(n):
         text += f" ({int(k)}/{int(n)})"
     raw = h(text) + (f'<br><span class="ci">{h(ci)}</span>' if ci and text != DASH else "")
     return td(text, mean, raw=raw)
@@ -100,15 +95,15 @@ def value_cell(row: pd.Series, col: str) -> str:
 
 def delta_cell(row: pd.Series, metric: str) -> str:
     """The paired difference to the base row with its bootstrap interval, ✓ if resolved."""
-    if row.get("vs_base") and row["row"] == row["vs_base"] and row["official"]:
+    if is_base_row(row):
         return td("(base)", 0.0, cls="base")
     diff = row.get(f"{metric}_vs_base")
-    if _missing(diff):
+    if missing(diff):
         return td(DASH, None)
     ci = interval(row[f"{metric}_vs_base_ci_low"], row[f"{metric}_vs_base_ci_high"],
                   signed=True)
     flag = row[f"{metric}_vs_base_resolved"]
-    ok = not _missing(flag) and bool(flag)
+    ok = not missing(flag) and bool(flag)
     mark = (f' <span class="resolved" title="resolved at 95%: the paired interval excludes 0">'
             f"{RESOLVED}</span>") if ok else ""
     raw = f'{h(f"{100 * diff:+.2f}")}{mark}<br><span class="ci">{h(ci)}</span>'
@@ -146,7 +141,7 @@ def flags_cell(row: pd.Series, column: str, messages: dict) -> str:
 
 
 def _rank_value(row: pd.Series) -> Any:
-    return None if _missing(row["rank"]) else int(row["rank"])
+    return None if missing(row["rank"]) else int(row["rank"])
 
 
 VALUES = (("clean last", "clean_last"), ("PGD-20 best", "pgd20_best"),
@@ -191,20 +186,12 @@ def row_html(row: pd.Series, co: bool, messages: dict) -> str:
 
 def table_html(table: pd.DataFrame, table_id: str, messages: dict) -> tuple[str, str]:
     """The sortable table of one suite and its legend."""
-    meta = table.attrs
     co = "co_seeds" in table.columns
-    bases = [b for b in table["cost_base"].astype(str).unique() if b]
-    base = bases[0] if bases else "AT"
-    vs_bases = [b for b in table["vs_base"].astype(str).unique() if b]
-    vs = vs_bases[0] if vs_bases else "base"
+    base, vs, has_vs = base_names(table)
     head = "".join(f'<th data-type="{kind}" tabindex="0" title="click to sort">{h(text)}</th>'
                    for text, kind in headers(table, vs, base, co))
     body = "\n".join(row_html(row, co, messages) for _, row in table.iterrows())
-    legend = (evaluation_legend(meta["evaluation"]) + " "
-              + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
-              .replace("BASE", base)
-              + (" " + CO_LEGEND if co else "") + " "
-              + STATS_LEGEND.replace("VS", vs) + ("" if vs_bases else NO_BASE)
+    legend = (board_legend(table, base, vs, has_vs)
               + " ○ = a row of seeds the suite does not ask for (never ranked). Hover over or "
                 "click a flag for what fired, on which seed and checkpoint.")
     table_tag = (f'<div class="scroll"><table class="board" id="{h(table_id)}">'

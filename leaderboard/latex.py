@@ -12,12 +12,12 @@ the marks the Markdown table uses become standard LaTeX symbols. The file needs
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 import pandas as pd
 
+from leaderboard.markdown import base_names, is_base_row, missing
 from leaderboard.statistics import BOOTSTRAP_SEED, RESAMPLES
 from leaderboard.tables import PAIRED_METRICS
 
@@ -46,42 +46,40 @@ def escape(text: Any) -> str:
     return _PATTERN.sub(lambda m: ESCAPES[m.group(0)], str(text))
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def value_cell(row: pd.Series, col: str) -> str:
     """'$42.00 \\pm 4.97$' (mean ± half width of the 95% t interval, in %), '$42.00$'
     with one seed, '--' when not measured; '(k/n)' when only k of n seeds had it."""
     mean = row[f"{col}_mean"]
-    if _missing(mean):
+    if missing(mean):
         return "--"
     low, high = row[f"{col}_ci_low"], row[f"{col}_ci_high"]
     text = f"${100 * mean:.2f}"
-    if not (_missing(low) or _missing(high)):
+    if not (missing(low) or missing(high)):
         text += rf" \pm {100 * (high - low) / 2:.2f}"
     text += "$"
     k, n = row[f"{col}_n"], row["n_seeds"]
-    if not _missing(k) and not _missing(n) and int(k) < int(n):
+    if not missing(k) and not missing(n) and int(k) < int(n):
         text += f" ({int(k)}/{int(n)})"
     return text
 
 
 def delta_cell(row: pd.Series, metric: str) -> str:
     """'$+4.00$ {\\scriptsize$[+1.50, +7.50]$}$^{*}$', '(base)' or '--'."""
-    if row.get("vs_base") and row["row"] == row["vs_base"] and row["official"]:
+    if is_base_row(row):
         return "(base)"
     diff = row.get(f"{metric}_vs_base")
-    if _missing(diff):
+    if missing(diff):
         return "--"
     low, high = row[f"{metric}_vs_base_ci_low"], row[f"{metric}_vs_base_ci_high"]
     text = f"${100 * diff:+.2f}$ {{\\scriptsize$[{100 * low:+.2f}, {100 * high:+.2f}]$}}"
     flag = row[f"{metric}_vs_base_resolved"]
-    return text + (r"$^{*}$" if not _missing(flag) and bool(flag) else "")
+    return text + (r"$^{*}$" if not missing(flag) and bool(flag) else "")
 
 
 def rank_cell(row: pd.Series) -> str:
-    rank = "" if _missing(row["rank"]) else str(row["rank_range"] or int(row["rank"]))
+    rank = "" if missing(row["rank"]) else str(row["rank_range"] or int(row["rank"]))
     return escape(" ".join(p for p in (rank, str(row["marks"] or "")) if p))
 
 
@@ -113,8 +111,7 @@ def caption(meta: dict, base: str) -> str:
 def suite_latex(table: pd.DataFrame) -> str:
     """One booktabs table environment for one suite key."""
     meta = table.attrs
-    bases = [b for b in table["vs_base"].astype(str).unique() if b] if len(table) else []
-    base = bases[0] if bases else "base"
+    base = base_names(table)[1]  # the paired differences' base row
     headers = (["\\#", "Row"] + [escape(h) for h, _ in VALUE_COLUMNS]
                + [f"$\\Delta$ {escape(DELTA_HEADERS[m])} vs {escape(base)}"
                   for m in PAIRED_METRICS] + ["Seeds"])

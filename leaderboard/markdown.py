@@ -98,20 +98,47 @@ NO_BASE = (" This suite has no base row (no official plain PGD-AT, TRADES, FGSM-
 UNOFFICIAL_HEADING = "### Runs with seeds the suite does not ask for (not ranked)"
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def missing(value: Any) -> bool:
+    """No value: None, NaN or pandas' NA (the nullable rank and resolved columns)."""
+    return (value is None or value is pd.NA
+            or (isinstance(value, float) and math.isnan(value)))
+
+
+def is_base_row(row: Any) -> bool:
+    """The official row every other row's paired difference is taken against."""
+    return bool(row.get("vs_base")) and row["row"] == row["vs_base"] and bool(row["official"])
+
+
+def base_names(table: pd.DataFrame) -> tuple[str, str, bool]:
+    """(the cost column's base row, the paired differences' base row or "base", whether
+    the table has a paired base at all)."""
+    bases = [b for b in table["cost_base"].astype(str).unique() if b]
+    vs_bases = [b for b in table["vs_base"].astype(str).unique() if b]
+    return (bases[0] if bases else "AT", vs_bases[0] if vs_bases else "base",
+            bool(vs_bases))
+
+
+def board_legend(table: pd.DataFrame, base: str, vs: str, has_vs: bool) -> str:
+    """The legend under a suite's table (Markdown and HTML boards)."""
+    meta = table.attrs
+    co = "co_seeds" in table.columns
+    return (evaluation_legend(meta["evaluation"]) + " "
+            + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
+            .replace("BASE", base)
+            + (" " + CO_LEGEND if co else "") + " "
+            + STATS_LEGEND.replace("VS", vs) + ("" if has_vs else NO_BASE))
 
 
 def pct(mean: Any, std: Any = None) -> str:
     """Fractions as percentages with 2 decimals: '48.00 ± 1.23', '48.00', or '–'."""
-    if _missing(mean):
+    if missing(mean):
         return DASH
-    return f"{100 * mean:.2f}" if _missing(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}" if missing(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def ratio(value: Any) -> str:
     """A cost ratio such as '1.52×', or '–'."""
-    return DASH if _missing(value) else f"{value:.2f}×"
+    return DASH if missing(value) else f"{value:.2f}×"
 
 
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -124,17 +151,17 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _best_epoch(row: pd.Series) -> str:
-    if _missing(row["best_epoch_mean"]):
+    if missing(row["best_epoch_mean"]):
         return DASH
     text = f"{row['best_epoch_mean']:.1f}"
-    return text if _missing(row["epochs"]) else f"{text} / {int(row['epochs'])}"
+    return text if missing(row["epochs"]) else f"{text} / {int(row['epochs'])}"
 
 
 def co_cell(row: pd.Series) -> str:
     """'2/3 @ep 12' (seeds flagged / seeds checked, earliest epoch), or '–' when none."""
-    if _missing(row["co_seeds"]) or int(row["co_seeds"]) == 0:
+    if missing(row["co_seeds"]) or int(row["co_seeds"]) == 0:
         return DASH
-    epoch = "" if _missing(row["co_epoch_min"]) else f" @ep {int(row['co_epoch_min'])}"
+    epoch = "" if missing(row["co_epoch_min"]) else f" @ep {int(row['co_epoch_min'])}"
     return f"{int(row['co_seeds'])}/{int(row['co_checked'])}{epoch}"
 
 
@@ -186,7 +213,7 @@ def _img(k: int, n: int) -> str:
 
 def interval(low: Any, high: Any, signed: bool = False) -> str:
     """A 95% interval of fractions in %: '[37.03, 46.97]' ('[+1.50, +7.50]'), '' if none."""
-    if _missing(low) or _missing(high):
+    if missing(low) or missing(high):
         return ""
     fmt = "{:+.2f}" if signed else "{:.2f}"
     return f"[{fmt.format(100 * low)}, {fmt.format(100 * high)}]"
@@ -197,7 +224,7 @@ def _cell(row: pd.Series, col: str) -> str:
     if text != DASH and (ci := interval(row[f"{col}_ci_low"], row[f"{col}_ci_high"])):
         text += f" {ci}"
     k, n = row[f"{col}_n"], row["n_seeds"]
-    if text != DASH and not _missing(k) and not _missing(n) and int(k) < int(n):
+    if text != DASH and not missing(k) and not missing(n) and int(k) < int(n):
         text += f" ({int(k)}/{int(n)})"
     return text
 
@@ -205,10 +232,10 @@ def _cell(row: pd.Series, col: str) -> str:
 def vs_base_cell(row: pd.Series, metric: str) -> str:
     """'+4.00 [+1.50, +7.50] ✓': the paired difference to the base row in points, its
     bootstrap interval, ✓ when it excludes 0; '(base)' on the base row, '–' without one."""
-    if row.get("vs_base") and row["row"] == row["vs_base"] and row["official"]:
+    if is_base_row(row):
         return "(base)"
     diff = row.get(f"{metric}_vs_base")
-    if _missing(diff):
+    if missing(diff):
         return DASH
     text = f"{100 * diff:+.2f} " + interval(row[f"{metric}_vs_base_ci_low"],
                                           row[f"{metric}_vs_base_ci_high"], signed=True)
@@ -272,11 +299,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     out += _status_line(meta)
     extra = bool(table["extra_pretraining"].astype(str).str.len().gt(0).any())
     co = "co_seeds" in table.columns
-    bases = [b for b in table["cost_base"].astype(str).unique() if b]
-    base = bases[0] if bases else "AT"
-    vs_bases = [b for b in table["vs_base"].astype(str).unique() if b]
-    vs = vs_bases[0] if vs_bases else "base"
-    stats_legend = STATS_LEGEND.replace("VS", vs) + ("" if vs_bases else NO_BASE)
+    base, vs, has_vs = base_names(table)
     n = ev["n_images"]
     aa = ev["autoattack"]["column"] + _img(ev["autoattack"]["n_images"], n)
     aa_best = f"{ev['autoattack']['column']} best{_img(ev['autoattack']['n_images'], n)}"
@@ -291,10 +314,7 @@ def suite_markdown(table: pd.DataFrame) -> str:
     headers += ["extra pretraining"] if extra else []
     official = table[table["official"].astype(bool)]
     others = table[~table["official"].astype(bool)]
-    legend = (evaluation_legend(ev) + " "
-              + LEGEND.replace("COST_TEXT", cost_legend(meta.get("cost") or {}, base))
-              .replace("BASE", base)
-              + (" " + CO_LEGEND if co else "") + " " + stats_legend)
+    legend = board_legend(table, base, vs, has_vs)
     if len(official):
         out += [_table(official, headers, co, extra), ""]
     else:
