@@ -150,21 +150,50 @@ def cost_document(suite: Suite, specs: list[RunSpec], blocks: list[list[float]],
                 epochs = clean_epochs.get(str(i), suite.clean_model_epochs)
                 own += times[-1] * per_epoch * epochs / suite.train.epochs
             seconds.append(own)
+        passes = _passes_per_epoch(info, i, per_epoch, suite)
         rows.append({"row": spec.row_name, "spec": spec.to_dict(),
                      "defense_params": info["defense_params"][i],
                      "run_hash": suite.run_hash(spec.defense_names),
                      "clean_model": i in info["clean_model_rows"],
-                     "seconds_per_epoch": statistics.median(seconds), "per_round": seconds})
+                     "seconds_per_epoch": statistics.median(seconds), "per_round": seconds,
+                     **({"passes_per_epoch": passes} if passes else {})})
     for row in rows:
         ratios = [s / b for s, b in zip(row["per_round"], rows[base]["per_round"])]
         row["ratio"] = statistics.median(ratios)
         row["ratio_per_round"] = ratios
+        if "passes_per_epoch" in row and "passes_per_epoch" in rows[base]:
+            predicted = _pass_total(row) / _pass_total(rows[base])
+            row["passes_ratio"] = predicted
+            row["cost_over_passes"] = row["ratio"] / predicted
     return {"format": FORMAT, "suite": suite.name, "protocol_hash": suite.protocol_hash,
             "base": specs[base].row_name, "rounds": rounds, "steps": info["steps"],
             "phases": info["phases"], "batches_per_epoch": info["batches_per_epoch"],
             "device": info["device"], "threads": info["threads"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "rows": rows}
+
+
+def _passes_per_epoch(info: dict, i: int, per_epoch: float, suite: Suite) -> dict | None:
+    """Row i's forward and backward passes per epoch (its block's, scaled to an epoch, plus
+    the clean model's share where it uses one, priced like its seconds); None when the
+    probe did not report passes."""
+    passes = info.get("passes")
+    if not passes:
+        return None
+    scale = {"forward": passes[i]["forward"] * per_epoch,
+             "backward": passes[i]["backward"] * per_epoch}
+    if i in info["clean_model_rows"]:
+        epochs = info.get("clean_model_epochs", {}).get(str(i), suite.clean_model_epochs)
+        for key in scale:
+            scale[key] += passes[-1][key] * per_epoch * epochs / suite.train.epochs
+    return scale
+
+
+def _pass_total(row: dict) -> float:
+    """What the passes predict of a row's cost: forward plus backward passes (an attack's
+    backward computes input gradients only, about one forward; a training backward about
+    two; most passes of every method are the attack's)."""
+    return row["passes_per_epoch"]["forward"] + row["passes_per_epoch"]["backward"]
 
 
 def write_cost(document: dict, results: Path) -> Path:
@@ -174,9 +203,16 @@ def write_cost(document: dict, results: Path) -> Path:
 
 
 def cost_table(document: dict) -> str:
-    lines = [f"{'row':28s} {'s/epoch':>9s} {'vs ' + document['base']:>9s}  per round"]
+    """The measured ratios, with what the passes predict (`passes`: the row's forward plus
+    backward passes over the base row's) and the measured ratio over that prediction
+    (`/passes`: 1 when the extra cost is all in model passes; above 1 for work outside
+    them, e.g. augmentation, per-parameter updates, host syncs)."""
+    lines = [f"{'row':28s} {'s/epoch':>9s} {'vs ' + document['base']:>9s} {'passes':>7s} "
+             f"{'/passes':>7s}  per round"]
     for row in document["rows"]:
         rounds = " ".join(f"{r:.2f}" for r in row["ratio_per_round"])
+        predicted = (f"{row['passes_ratio']:6.2f}x {row['cost_over_passes']:7.2f}"
+                     if "passes_ratio" in row else f"{'–':>7s} {'–':>7s}")
         lines.append(f"{row['row']:28s} {row['seconds_per_epoch']:9.3f} "
-                     f"{row['ratio']:8.2f}x  {rounds}")
+                     f"{row['ratio']:8.2f}x {predicted}  {rounds}")
     return "\n".join(lines)

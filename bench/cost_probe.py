@@ -55,8 +55,10 @@ class RowProbe:
             self.batches = iter(self.trainer.loader)
             return next(self.batches)
 
-    def block(self) -> None:
+    def block(self) -> dict[str, int]:
+        """Run the row's block; returns the forward and backward passes it counted."""
         trainer, state = self.trainer, self.state
+        before = (state.counter.forward, state.counter.backward)
         epochs = trainer.suite.train.epochs
         for phase in self.phases:
             state.epoch = min(epochs - 1, int(phase * epochs))
@@ -78,6 +80,8 @@ class RowProbe:
             import torch
 
             torch.cuda.synchronize(state.device)
+        return {"forward": state.counter.forward - before[0],
+                "backward": state.counter.backward - before[1]}
 
 
 def serve(payload: dict) -> None:
@@ -100,8 +104,8 @@ def serve(payload: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="robench-cost-") as folder:
         probes = [RowProbe(spec, suite, splits, Path(folder) / f"row{i}", device,
                            int(payload.get("steps") or 0), phases) for i, spec in enumerate(specs)]
-        for probe in probes:  # warm-up: first calls allocate and pick kernels
-            probe.block()
+        # warm-up: first calls allocate and pick kernels; the passes of each row's block
+        passes = [probe.block() for probe in probes]
         info = {"batches_per_epoch": probes[0].state.batches_per_epoch,
                 "steps": probes[0].steps, "phases": len(phases),
                 "clean_model_rows": [i for i, p in enumerate(probes) if p.uses_clean_model],
@@ -109,6 +113,7 @@ def serve(payload: dict) -> None:
                                        for i, p in enumerate(probes) if p.uses_clean_model},
                 "defense_params": [{d.name: dict(d.hparams) for d in p.trainer.defenses}
                                    for p in probes],
+                "passes": passes,
                 "device": str(device), "threads": torch.get_num_threads()}
         print("ready " + json.dumps(info), flush=True)
         for line in sys.stdin:
