@@ -59,7 +59,8 @@ and so counts none of its passes.
 
 The engine owns the threat model, optimizer, schedule (learning rate and, with
 `[train] cyclic_momentum`, the SGD momentum, both set per iteration before the hooks run),
-mixed precision (bf16 autocast on CUDA, fp32 on CPU; channels_last on both),
+mixed precision (bf16 autocast on CUDA, fp32 on CPU; channels_last on both; cuDNN
+autotuning on CUDA),
 checkpoints and resume. It never names a defense.
 """
 
@@ -156,6 +157,15 @@ def build_optimizer(model: nn.Module, suite: Suite, device: torch.device) -> tor
     )
 
 
+def configure_backend(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the
+    fastest (`cudnn.benchmark`): training is not bit-exact on CUDA anyway, and every
+    step of a run repeats the same few shapes. The evaluator (its own process) does not
+    set it."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 @dataclass
 class TrainOutcome:
     run_dir: Path
@@ -193,6 +203,7 @@ class Trainer:
 
     # ---- construction -----------------------------------------------------
     def build(self) -> TrainState:
+        configure_backend(self.device)
         torch.manual_seed(self.spec.seed)
         self.model = build_model(self.suite.model, self.splits.info).to(self.device)
         if self.channels_last:

@@ -308,6 +308,9 @@ def evaluate_run(run_dir: Path, suite: Suite, splits: Splits, device: torch.devi
     if device.type == "cuda":  # fp32 means fp32: no TF32 in matmuls or convolutions
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        # cuDNN's default algorithm choice, as before (training's autotuning may have run
+        # in this process)
+        torch.backends.cudnn.benchmark = False
     x = splits.test.x.to(device).float() / 255
     y = splits.test.y.to(device)
     seed = derive_seed(spec.seed, "eval") % (2**31)

@@ -1,17 +1,34 @@
-"""One command to check a GPU machine before a long run (about 5-8 minutes on one H100).
+"""One command to check a GPU machine before a long run, and to measure what the engine and
+each defense cost on it.
 
-    python scripts/device_check.py                      # the GPU check
+    python scripts/device_check.py                      # the GPU check (one H100: ~6-9 min)
+    python scripts/device_check.py --compiled at        # compile only PGD-AT (shorter)
     python scripts/device_check.py --tiny --device cpu  # the same code on the smoke suite
 
-It trains one epoch each of `cifar10-linf` PGD-AT, AT+AWP and TRADES and of `cifar10-fast`
-FGSM-RS on PreActResNet-18 with the engine's GPU settings (bf16 autocast, channels_last),
-and one PGD-AT epoch in fp32, each from a fresh model; for each it prints seconds per
-epoch, training images per second and peak GPU memory. On the bf16 PGD-AT model it then
-compares bf16 with fp32 on 1,000 test images (clean predictions and PGD-20 per image: the
-training precision is bf16, the evaluation's is fp32), and measures the evaluator's attack
-throughput: PGD-20 (fp32, as evaluated) and AutoAttack (the suite's version, on
-`--aa-images` images), in images per second. The table is printed and written as JSON
-(`--out`, default `device_check.json`).
+On PreActResNet-18 with the engine's GPU settings (bf16 autocast, channels_last):
+
+1. One full `cifar10-linf` PGD-AT epoch from a fresh model, timed start to end (the last,
+   shorter batch included): the measured s/epoch, and the model the precision check uses.
+2. Each case below, eager and (`--compiled all`, the default) compiled: `--warmup` steps,
+   then `--steps` timed steps at 75% of training (where every defense is active: DOM-DA
+   after its warm-up, CURE after its clean phase, AWP after its warm-up), from a fresh
+   model. s/epoch is the timed seconds per step times the suite's batches per epoch.
+   Per case: images/s, peak GPU memory, the warm-up's seconds (compilation included), the
+   forward and backward passes per step the engine counted, and, against PGD-AT in the
+   same mode, the measured cost ratio, the ratio the passes predict (forward + backward
+   passes) and the first over the second.
+   Cases: `cifar10-linf` AT, AT+AWP, TRADES, AT+DOM-DA, TRADES+CURE, AT+AROID (a defense
+   that asks for a clean model gets an untrained one: the weights do not change the work),
+   `cifar10-fast` FGSM-RS, and AT in fp32.
+3. bf16 against fp32 on 1,000 test images with the step-1 model (clean predictions and
+   PGD-20 per image: the training precision is bf16, the evaluation's is fp32), and the
+   evaluator's attack throughput: PGD-20 (fp32, as evaluated) and AutoAttack (the suite's
+   version, on `--aa-images` images), in images per second.
+
+The targets (one H100): PGD-AT at most 8 s/epoch eager and 5 s/epoch compiled, and every
+defense's cost within 1.5x of what its passes predict; the table marks each. The report is
+printed and written as JSON (`--out`, default `device_check.json`) after every case, so an
+interrupted check keeps what it measured.
 
 `--tiny` runs every step on the `smoke` suite (synthetic data, a tiny CNN) on any device:
 the tests run it on the CPU.
@@ -39,15 +56,21 @@ from bench.curves import pick_device  # noqa: E402
 from bench.data import build_splits  # noqa: E402
 from bench.engine import Trainer  # noqa: E402
 
-# (label, suite, method, defenses, bf16)
+# (label, suite, method, defenses, bf16); the first is the base of the cost ratios
 CASES = (
-    ("cifar10-linf AT bf16", "cifar10-linf", "at", (), True),
-    ("cifar10-linf AT+AWP bf16", "cifar10-linf", "at", ("awp",), True),
-    ("cifar10-linf TRADES bf16", "cifar10-linf", "trades", (), True),
-    ("cifar10-fast FGSM-RS bf16", "cifar10-fast", "fgsm_rs", (), True),
-    ("cifar10-linf AT fp32", "cifar10-linf", "at", (), False),
+    ("AT", "cifar10-linf", "at", (), True),
+    ("AT+AWP", "cifar10-linf", "at", ("awp",), True),
+    ("TRADES", "cifar10-linf", "trades", (), True),
+    ("AT+DOM-DA", "cifar10-linf", "at", ("dom_da",), True),
+    ("TRADES+CURE", "cifar10-linf", "trades", ("cure",), True),
+    ("AT+AROID", "cifar10-linf", "at", ("aroid",), True),
+    ("FGSM-RS (cifar10-fast)", "cifar10-fast", "fgsm_rs", (), True),
+    ("AT fp32", "cifar10-linf", "at", (), False),
 )
+PHASE = 0.75  # the point of training the cases are timed at
 AGREEMENT_IMAGES = 1000
+TARGETS = {"eager": 8.0, "compiled": 5.0}  # PGD-AT s/epoch on one H100
+PASS_TARGET = 1.5  # a defense's cost over what its passes predict
 
 
 def _sync(device: torch.device) -> None:
@@ -67,14 +90,25 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's, KiB
 
 
-def train_one_epoch(label: str, suite: Suite, method: str, defenses: tuple[str, ...],
-                    bf16: bool, splits, device: torch.device, folder: Path):
+def _trainer(suite: Suite, method: str, defenses: tuple[str, ...], bf16: bool, splits,
+             device: torch.device, folder: Path, compile_mode: str | None):
+    """A trainer with its defenses set up (a clean model, where asked for, is untrained)."""
     spec = RunSpec(suite.name, method, tuple(parse_defense_arg(d) for d in defenses), 0)
     trainer = Trainer(spec, suite, splits, folder, device=device, progress=False,
-                      mixed_precision=bf16, channels_last=True)
+                      mixed_precision=bf16, channels_last=True,
+                      **({"compile": compile_mode} if compile_mode else {}))
     state = trainer.build()
+    if any("clean_model" in d.capabilities for d in trainer.defenses):
+        state.clean_model = trainer._fresh_model().eval().requires_grad_(False)
     for defense in trainer.defenses:
         trainer.guard.call(defense, "setup", state)
+    state.clean_model = None
+    return trainer, state
+
+
+def full_epoch(suite: Suite, splits, device: torch.device, folder: Path):
+    """One PGD-AT epoch (bf16, eager) from a fresh model, timed start to end."""
+    trainer, state = _trainer(suite, "at", (), True, splits, device, folder, None)
     _reset_peak(device)
     _sync(device)
     start = time.perf_counter()
@@ -84,10 +118,74 @@ def train_one_epoch(label: str, suite: Suite, method: str, defenses: tuple[str, 
     n, batch = len(splits.train.y), suite.train.batch_size
     images = n // batch * batch if suite.train.drop_last else n  # what one epoch sees
     return trainer.model, {
-        "case": label, "suite": suite.name, "method": method, "defenses": list(defenses),
-        "precision": "bf16" if bf16 else "fp32", "seconds_per_epoch": seconds,
-        "images_per_second": images / seconds, "images": images, "steps": state.step,
+        "case": "AT, one full epoch", "suite": suite.name, "seconds_per_epoch": seconds,
+        "images": images, "images_per_second": images / seconds, "steps": state.step,
         "peak_memory_mib": _peak_mib(device), "train_loss": stats["train_loss"]}
+
+
+def timed_steps(case: tuple, suite: Suite, splits, device: torch.device, folder: Path,
+                compile_mode: str | None, warmup: int, steps: int) -> dict:
+    """`warmup` then `steps` timed training steps of a case at PHASE of training."""
+    label, _, method, defenses, bf16 = case
+    trainer, state = _trainer(suite, method, defenses, bf16, splits, device, folder,
+                              compile_mode)
+    state.epoch = min(suite.train.epochs - 1, int(PHASE * suite.train.epochs))
+    state.step = state.epoch * state.batches_per_epoch
+    trainer.model.train()
+    for defense in trainer.defenses:
+        trainer.guard.call(defense, "on_epoch_start", state)
+    batches = _full_batches(trainer, suite.train.batch_size)
+    _reset_peak(device)
+
+    def run(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        loss = None
+        for _ in range(n):
+            loss = trainer.train_step(state, *next(batches))
+            state.step += 1
+        if loss is not None:
+            float(loss.detach())  # waits for the device
+        _sync(device)
+        return time.perf_counter() - start
+
+    warmup_seconds = run(warmup)
+    before = (state.counter.forward, state.counter.backward)
+    seconds = run(steps)
+    per_step = seconds / steps
+    return {
+        "case": label, "mode": "compiled" if compile_mode else "eager",
+        "compile_mode": compile_mode, "suite": suite.name, "method": method,
+        "defenses": list(defenses), "precision": "bf16" if bf16 else "fp32",
+        "steps": steps, "seconds_per_step": per_step,
+        "seconds_per_epoch": per_step * state.batches_per_epoch,
+        "batches_per_epoch": state.batches_per_epoch,
+        "images_per_second": suite.train.batch_size / per_step,
+        "warmup_seconds": warmup_seconds, "peak_memory_mib": _peak_mib(device),
+        "forward_per_step": (state.counter.forward - before[0]) / steps,
+        "backward_per_step": (state.counter.backward - before[1]) / steps}
+
+
+def _full_batches(trainer: Trainer, batch_size: int):
+    """The training stream's full batches, endlessly (a short last batch would time
+    another shape)."""
+    while True:
+        for x, y, index in trainer.loader:
+            if len(y) == batch_size:
+                yield x, y, index
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each case's cost and passes against PGD-AT (bf16) in the same mode."""
+    base = {r["mode"]: r for r in rows if r["case"] == CASES[0][0]}
+    for row in rows:
+        ref = base.get(row["mode"])
+        if ref is None or row["suite"] != ref["suite"]:
+            continue
+        row["cost_ratio"] = row["seconds_per_step"] / ref["seconds_per_step"]
+        row["passes_ratio"] = ((row["forward_per_step"] + row["backward_per_step"])
+                               / (ref["forward_per_step"] + ref["backward_per_step"]))
+        row["cost_over_passes"] = row["cost_ratio"] / row["passes_ratio"]
 
 
 def agreement(model, x, y, suite: Suite, device: torch.device) -> dict:
@@ -137,21 +235,38 @@ def throughput(model, x, y, suite: Suite, device: torch.device, aa_images: int) 
 
 
 def table(report: dict) -> str:
-    lines = [f"device: {report['device']} ({report['device_name']}), torch {report['torch']}",
-             f"{'case':36s} {'s/epoch':>9s} {'img/s':>9s} {'peak MiB':>9s} {'steps':>6s}"]
-    for row in report["epochs"]:
-        lines.append(f"{row['case']:36s} {row['seconds_per_epoch']:9.1f} "
-                     f"{row['images_per_second']:9.0f} {row['peak_memory_mib']:9.0f} "
-                     f"{row['steps']:6d}")
-    a, t = report["agreement"], report["throughput"]
-    lines.append(f"bf16 vs fp32 on {a['images']} test images: clean {100 * a['clean_bf16']:.1f}"
-                 f" vs {100 * a['clean_fp32']:.1f}% (predictions agree on "
-                 f"{100 * a['clean_prediction_agreement']:.1f}%), PGD-20 "
-                 f"{100 * a['pgd20_bf16']:.1f} vs {100 * a['pgd20_fp32']:.1f}% (per image "
-                 f"{100 * a['pgd20_per_image_agreement']:.1f}%)")
-    lines.append(f"PGD-20 (fp32): {t['pgd20_images_per_second']:.0f} images/s; AutoAttack "
-                 f"{t['autoattack_version']} on {t['autoattack_images']} images: "
-                 f"{t['autoattack_images_per_second']:.1f} images/s")
+    lines = [f"device: {report['device']} ({report['device_name']}), torch {report['torch']}"]
+    full = report.get("full_epoch")
+    if full:
+        lines.append(f"{full['case']} ({full['suite']}): {full['seconds_per_epoch']:.1f} s, "
+                     f"{full['images_per_second']:.0f} images/s, {full['steps']} steps, peak "
+                     f"{full['peak_memory_mib']:.0f} MiB")
+    lines.append(f"{'case':24s} {'mode':8s} {'s/epoch':>8s} {'img/s':>7s} {'warmup s':>8s} "
+                 f"{'MiB':>6s} {'fwd+bwd':>8s} {'vs AT':>6s} {'passes':>6s} {'/passes':>7s}")
+    for row in report["cases"]:
+        ratios = (f"{row['cost_ratio']:6.2f} {row['passes_ratio']:6.2f} "
+                  f"{row['cost_over_passes']:7.2f}" if "cost_ratio" in row
+                  else f"{'–':>6s} {'–':>6s} {'–':>7s}")
+        mark = ""
+        if row["case"] == CASES[0][0] and not report["tiny"]:
+            mark = " ok" if row["seconds_per_epoch"] <= TARGETS[row["mode"]] else " OVER TARGET"
+        elif row.get("cost_over_passes", 0) > PASS_TARGET:
+            mark = " OVER 1.5x"
+        lines.append(f"{row['case']:24s} {row['mode']:8s} {row['seconds_per_epoch']:8.2f} "
+                     f"{row['images_per_second']:7.0f} {row['warmup_seconds']:8.1f} "
+                     f"{row['peak_memory_mib']:6.0f} "
+                     f"{row['forward_per_step'] + row['backward_per_step']:8.1f} {ratios}{mark}")
+    a, t = report.get("agreement"), report.get("throughput")
+    if a:
+        lines.append(f"bf16 vs fp32 on {a['images']} test images: clean "
+                     f"{100 * a['clean_bf16']:.1f} vs {100 * a['clean_fp32']:.1f}% (predictions "
+                     f"agree on {100 * a['clean_prediction_agreement']:.1f}%), PGD-20 "
+                     f"{100 * a['pgd20_bf16']:.1f} vs {100 * a['pgd20_fp32']:.1f}% (per image "
+                     f"{100 * a['pgd20_per_image_agreement']:.1f}%)")
+    if t:
+        lines.append(f"PGD-20 (fp32): {t['pgd20_images_per_second']:.0f} images/s; AutoAttack "
+                     f"{t['autoattack_version']} on {t['autoattack_images']} images: "
+                     f"{t['autoattack_images_per_second']:.1f} images/s")
     lines.append(f"total {report['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -163,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda if any")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--aa-images", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per case (default 40; 5 with --tiny): a multiple "
+                             "of AROID's policy interval, so its passes per step are its mean")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 6; 2 with --tiny)")
+    parser.add_argument("--compiled", choices=("all", "at", "none"), default="all",
+                        help="which bf16 cases also run compiled (default all)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="the engine's --compile mode for the compiled cases")
     parser.add_argument("--out", default="device_check.json")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -170,38 +294,59 @@ def main(argv: list[str] | None = None) -> int:
         print("device_check: error: no CUDA device; use --tiny for the CPU check",
               file=sys.stderr)
         return 2
+    steps = args.steps or (5 if args.tiny else 40)
+    warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 6)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
-    rows, models, splits_cache = [], {}, {}
-    with tempfile.TemporaryDirectory(prefix="robench-device-check-") as folder:
-        for i, (label, suite_name, method, defenses, bf16) in enumerate(CASES):
-            suite = load_suite("smoke" if args.tiny else suite_name)
-            data_key = repr(suite.data)  # cifar10-linf and cifar10-fast share their data
-            if data_key not in splits_cache:
-                splits_cache[data_key] = build_splits(suite.data, args.data_root,
-                                                      suite.curves.size, with_test=True)
-            label = f"{label} [smoke]" if args.tiny else label
-            model, row = train_one_epoch(label, suite, method, defenses, bf16,
-                                         splits_cache[data_key], device,
-                                         Path(folder) / f"case{i}")
-            print(f"{label}: {row['seconds_per_epoch']:.1f} s/epoch", flush=True)
-            rows.append(row)
-            models[label] = (model, suite)
-    model, suite = next(iter(models.values()))  # the first case: PGD-AT, bf16
-    test = splits_cache[repr(suite.data)].test
-    n = min(AGREEMENT_IMAGES, len(test.y))
-    x = test.x[:n].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
-    y = test.y[:n].to(device)
-    report = {
+    report: dict = {
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or "cpu"),
-        "torch": torch.__version__, "tiny": args.tiny, "epochs": rows,
-        "agreement": agreement(model, x, y, suite, device),
-        "throughput": throughput(model, x, y, suite, device, args.aa_images),
-    }
-    report["seconds"] = time.perf_counter() - start
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        "torch": torch.__version__, "tiny": args.tiny, "steps": steps, "warmup": warmup,
+        "phase": PHASE, "cases": []}
+    out = Path(args.out)
+
+    def save() -> None:
+        report["seconds"] = time.perf_counter() - start
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    splits_cache: dict = {}
+
+    def suite_and_splits(name: str):
+        suite = load_suite("smoke" if args.tiny else name)
+        key = repr(suite.data)  # cifar10-linf and cifar10-fast share their data
+        if key not in splits_cache:
+            splits_cache[key] = build_splits(suite.data, args.data_root, suite.curves.size,
+                                             with_test=True)
+        return suite, splits_cache[key]
+
+    runs = [(case, None) for case in CASES]
+    compiled = [c for c in CASES if c[4]] if args.compiled == "all" else (
+        [CASES[0]] if args.compiled == "at" else [])
+    runs += [(case, args.compile_mode) for case in compiled]
+    with tempfile.TemporaryDirectory(prefix="robench-device-check-") as folder:
+        suite, splits = suite_and_splits(CASES[0][1])
+        model, report["full_epoch"] = full_epoch(suite, splits, device, Path(folder) / "full")
+        print(f"one full AT epoch: {report['full_epoch']['seconds_per_epoch']:.1f} s",
+              flush=True)
+        save()
+        for i, (case, mode) in enumerate(runs):
+            case_suite, case_splits = suite_and_splits(case[1])
+            row = timed_steps(case, case_suite, case_splits, device, Path(folder) / f"c{i}",
+                              mode, warmup, steps)
+            report["cases"].append(row)
+            add_ratios(report["cases"])
+            print(f"{case[0]} {row['mode']}: {row['seconds_per_epoch']:.2f} s/epoch "
+                  f"(warm-up {row['warmup_seconds']:.1f} s)", flush=True)
+            save()
+    test = splits.test
+    n = min(AGREEMENT_IMAGES, len(test.y))
+    x = test.x[:n].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+    y = test.y[:n].to(device)
+    report["agreement"] = agreement(model, x, y, suite, device)
+    save()
+    report["throughput"] = throughput(model, x, y, suite, device, args.aa_images)
+    save()
     print(table(report))
     print(f"written: {args.out}")
     return 0

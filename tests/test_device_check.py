@@ -16,22 +16,49 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     out = tmp_path / "device_check.json"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), "--tiny",
-                           "--device", "cpu", "--out", str(out), "--aa-images", "16"],
+                           "--device", "cpu", "--out", str(out), "--aa-images", "16",
+                           "--compiled", "none"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     smoke = load_suite("smoke")
     train_images = smoke.data.train_size  # drop_last off: every image once
     assert not smoke.train.drop_last
-    cases = [(r["method"], r["defenses"], r["precision"]) for r in report["epochs"]]
-    assert cases == [("at", [], "bf16"), ("at", ["awp"], "bf16"), ("trades", [], "bf16"),
-                     ("fgsm_rs", [], "bf16"), ("at", [], "fp32")]
-    for row in report["epochs"]:
-        assert row["seconds_per_epoch"] > 0 and row["steps"] > 0
-        # an epoch of the smoke suite sees its training images once
-        assert row["images"] == train_images
-        assert abs(row["images_per_second"] * row["seconds_per_epoch"] - train_images) < 1e-6
-        assert row["peak_memory_mib"] > 0
+    full = report["full_epoch"]
+    assert full["images"] == train_images  # an epoch sees its training images once
+    assert abs(full["images_per_second"] * full["seconds_per_epoch"] - train_images) < 1e-6
+    cases = [(r["method"], r["defenses"], r["precision"], r["mode"]) for r in report["cases"]]
+    assert cases == [("at", [], "bf16", "eager"), ("at", ["awp"], "bf16", "eager"),
+                     ("trades", [], "bf16", "eager"), ("at", ["dom_da"], "bf16", "eager"),
+                     ("trades", ["cure"], "bf16", "eager"), ("at", ["aroid"], "bf16", "eager"),
+                     ("fgsm_rs", [], "bf16", "eager"), ("at", [], "fp32", "eager")]
+    batch = smoke.train.batch_size
+    batches = -(-train_images // batch)
+    k = smoke.train.attack_steps
+    rows = {(r["case"], r["mode"]): r for r in report["cases"]}
+    for row in report["cases"]:
+        assert row["steps"] == 5 and row["peak_memory_mib"] > 0
+        assert row["batches_per_epoch"] == batches
+        assert abs(row["seconds_per_epoch"] - row["seconds_per_step"] * batches) < 1e-9
+        assert abs(row["images_per_second"] * row["seconds_per_step"] - batch) < 1e-6
+        ratio = row["cost_ratio"] / row["passes_ratio"]
+        assert abs(row["cost_over_passes"] - ratio) < 1e-9
+    # passes per step, counted by hand: PGD-AT k attack steps + 1 training pass each way;
+    # AWP one more of each; TRADES one clean forward first and a clean + adversarial
+    # forward in the loss; FGSM-RS one attack step
+    at = rows[("AT", "eager")]
+    assert (at["forward_per_step"], at["backward_per_step"]) == (k + 1, k + 1)
+    assert at["cost_ratio"] == 1.0 and at["passes_ratio"] == 1.0
+    awp = rows[("AT+AWP", "eager")]
+    assert (awp["forward_per_step"], awp["backward_per_step"]) == (k + 2, k + 2)
+    assert awp["passes_ratio"] == (2 * k + 4) / (2 * k + 2)
+    trades = rows[("TRADES", "eager")]
+    assert (trades["forward_per_step"], trades["backward_per_step"]) == (k + 3, k + 1)
+    fgsm = rows[("FGSM-RS (cifar10-fast)", "eager")]
+    assert (fgsm["forward_per_step"], fgsm["backward_per_step"]) == (2, 2)
+    # timed at 75% of training, where DOM-DA and CURE are active: more passes than AT
+    assert rows[("AT+DOM-DA", "eager")]["forward_per_step"] > k + 1
+    assert rows[("TRADES+CURE", "eager")]["forward_per_step"] > k + 3
     agreement = report["agreement"]
     for key in ("clean_fp32", "clean_bf16", "pgd20_fp32", "pgd20_bf16",
                 "clean_prediction_agreement", "pgd20_per_image_agreement"):
@@ -40,8 +67,7 @@ def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     throughput = report["throughput"]
     assert throughput["autoattack_images"] == 16 and throughput["pgd20_images_per_second"] > 0
     assert "bf16 vs fp32 on" in done.stdout and "AutoAttack" in done.stdout
-    assert all(f"{label} [smoke]" in done.stdout for label in ("cifar10-linf AT bf16",
-                                                               "cifar10-fast FGSM-RS bf16"))
+    assert all(label in done.stdout for label in ("AT+AROID", "FGSM-RS (cifar10-fast)"))
 
 
 def test_without_a_gpu_the_full_check_says_what_to_do(tmp_path):

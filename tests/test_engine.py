@@ -426,3 +426,17 @@ def test_a_hook_that_sets_x_adv_replaces_the_attack(tmp_path, smoke_suite, smoke
                                            r"epoch 1, step 0 .* set state.x_adv to something "
                                            r"other than a batch shaped like state.x"):
         train(tmp_path / "bad", smoke_suite, smoke_splits, instances=[SkipsAttack(bad=True)])
+
+
+def test_cudnn_autotuning_is_on_for_cuda_training_only():
+    from bench.engine import configure_backend
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backend(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        configure_backend(torch.device("cuda"))  # only sets a flag: no device needed
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
