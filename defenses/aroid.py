@@ -27,8 +27,13 @@ Engine-specific choices:
   backbone is the model zoo's network with its classifier stripped (`backbone`: a model
   name, default PreActResNet-18, or "suite" for the suite's own architecture).
 - lambda's stage is the number of learning-rate decays passed (piecewise schedules; 0 for
-  others). r_vul uses the current training eps. Rewards are computed trajectory by
-  trajectory on the policy batch (T calls of the attack, as the reference).
+  others). r_vul uses the current training eps.
+- The T trajectories are scored as ONE batch of T x N images (the reference loops over
+  them, T attacks of N images): their actions and residual draws are taken one trajectory
+  after another, exactly the numbers the loop draws, then one augmentation, one attack
+  (or one per `reward_chunk` trajectories, to bound memory) and one forward per reward
+  model on the T N batch. Everything there is in eval mode, so on CPU the rewards equal
+  the loop's bit for bit (tests/test_aroid_batched.py); passes are counted per batch of N.
 - Sampling is an inverse CDF on the defense's own stream, which also draws what is left
   random within a class (CropShift's split and offsets, signs, erased boxes).
 - The diversity penalty is the reference code's (`_aroid_policy.py`): one pooled count
@@ -250,15 +255,16 @@ class AROID(Defense):
 
     def _vulnerability(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
                        trajectories: int = 1) -> torch.Tensor:
-        """CE of the target on a short PGD of x^ minus its CE on x^, in eval mode, on
-        `trajectories` whole trajectories (rows trajectory-major), `reward_chunk`
-        trajectories per attack call (0: all at once)."""
-        per = self.reward_chunk or trajectories
-        rows = x_aug.shape[0] // trajectories * per
-        return torch.cat([
-            self._vulnerability_chunk(state, x_aug[i:i + rows], y[i:i + rows],
-                                      min(per, trajectories - i // rows * per))
-            for i in range(0, x_aug.shape[0], rows)])
+        """CE of the target on a short PGD of x^ minus its CE on x^, in eval mode, for
+        `trajectories` whole trajectories (rows trajectory-major), `reward_chunk` of them
+        per attack call (0: all at once)."""
+        per, n = self.reward_chunk or trajectories, x_aug.shape[0] // trajectories
+        parts = []
+        for first in range(0, trajectories, per):
+            k = min(per, trajectories - first)
+            rows = slice(first * n, (first + k) * n)
+            parts.append(self._vulnerability_chunk(state, x_aug[rows], y[rows], k))
+        return torch.cat(parts)
 
     def _vulnerability_chunk(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
                              batches: int) -> torch.Tensor:

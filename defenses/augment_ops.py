@@ -4,7 +4,9 @@ Every op takes float images in [0, 1] of shape N x C x H x W (C = 1 or 3) and re
 tensor of the same shape, dtype, device and memory format, with values in [0, 1]. The
 parameters are per image: tensors of shape (N,) (magnitudes, flags, offsets), so a fixed
 recipe (IDBH) draws them from a distribution and a learned policy (AROID) passes its own.
-Nothing loops over images and nothing synchronises with the host.
+Nothing loops over images and nothing synchronises with the host. `apply_ops` gives each
+image its own op in one pass per op family (one blend for the blend ops, one gather for the
+geometric ops), not every op on every image.
 
 Magnitude conventions (`OPS`, the colour/shape ops selected per image by `apply_ops`):
   saturation, brightness, contrast, sharpness  enhancement factor; 1 = identity, 0 = the
