@@ -206,12 +206,8 @@ class AROID(Defense):
     # ---- the policy update --------------------------------------------------------
     def update_policy(self, state: TrainState) -> None:
         """One REINFORCE step on a fresh batch of the second stream (T trajectories per
-        image, per-image baseline, diversity penalty, gradient norm clipped to 1).
-
-        The T trajectories are drawn one after another (the same random numbers, in the
-        same order, as T separate augmentations), then augmented, attacked and scored as
-        one batch of T x N images, trajectory-major (row t N + i: image i, trajectory t),
-        in chunks of `reward_chunk` trajectories for the attack (0: one chunk)."""
+        image, per-image baseline, diversity penalty, gradient norm clipped to 1), the T
+        trajectories scored as one batch, row t N + i = image i, trajectory t."""
         policy, gen = self._policy().train(), self._stream()
         assert self.optimizer is not None
         lam = self.lam(state)

@@ -614,6 +614,7 @@ def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_sp
     ({"div_lower": 1.0}, r"div_lower must be a finite number in \[0.0, 1.0\)"),
     ({"policy_lr": 0}, r"policy_lr must be a finite number in \(0.0, inf\)"),
     ({"reward_steps": True}, "reward_steps must be an integer >= 1"),
+    ({"reward_chunk": -1}, "reward_chunk must be an integer >= 0"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
