@@ -189,3 +189,38 @@ def test_batched_update_equals_the_sequential_loop(tmp_path, smoke_suite, smoke_
     assert (old_state.counter.forward - old_counts[0],
             old_state.counter.backward - old_counts[1]) == (fwd, bwd)
     assert new_state.attack_overrides_log == old_state.attack_overrides_log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_augmentation_on_cuda_never_syncs_and_matches_cpu():
+    """The trajectories' draws and the one augmentation of the T N batch (fused ops
+    included) issue no host synchronisation; the result matches the CPU's on the same
+    draws (nearest-neighbour geometry may round a few pixels differently)."""
+    dev = torch.device("cuda")
+    x = torch.rand(64, 3, 32, 32, generator=gen(0)).contiguous(
+        memory_format=torch.channels_last)
+    logits = {h: torch.randn(64, k, generator=gen(1), device="cpu").to(dev)
+              for h, k in HEADS.items()}
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        drawn = []
+        for _ in range(4):
+            a = sample_actions(logits, g)
+            drawn.append((a, sample_residual(a, 32, 32, g)))
+        return apply_drawn(repeat_batch(images, 4), *concat_draws(drawn))
+
+    augment(x.to(dev))  # warm-up: lazy initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = augment(x.to(dev, non_blocking=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (256, 3, 32, 32) and out.is_contiguous(memory_format=torch.channels_last)
+    actions = {h: torch.randint(0, k, (64,), generator=gen(2)) for h, k in HEADS.items()}
+    residual = sample_residual(actions, 32, 32, gen(3))
+    moved = type(residual)(residual.coins.to(dev), tuple(t.to(dev) for t in residual.crop),
+                           tuple(t.to(dev) for t in residual.erase))
+    on_cpu = apply_drawn(x, actions, residual)
+    on_cuda = apply_drawn(x.to(dev), {h: a.to(dev) for h, a in actions.items()}, moved).cpu()
+    assert ((on_cpu - on_cuda).abs() < 1e-4).float().mean() > 0.99
