@@ -66,10 +66,14 @@ def sample_actions(logits: dict[str, Tensor], generator: torch.Generator) -> dic
 
 
 def log_prob(logits: dict[str, Tensor], actions: dict[str, Tensor]) -> Tensor:
-    """log pi(a | x) per row: the sum over heads of the chosen classes' log-probabilities."""
+    """log pi(a | x) per row: the sum over heads of the chosen classes' log-probabilities.
+    Actions of shape (N,) give (N,); of shape (N, T) (T choices per row) give N x T."""
     total = None
     for name, logit in logits.items():
-        lp = F.log_softmax(logit.float(), 1).gather(1, actions[name][:, None])[:, 0]
+        chosen = actions[name]
+        index = chosen[:, None] if chosen.ndim == 1 else chosen
+        lp = F.log_softmax(logit.float(), 1).gather(1, index)
+        lp = lp[:, 0] if chosen.ndim == 1 else lp
         total = lp if total is None else total + lp
     assert total is not None
     return total

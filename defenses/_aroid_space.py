@@ -23,7 +23,9 @@ generator passed in, a fixed count of numbers per call. The ops are those of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -129,30 +131,83 @@ def max_crop_shift() -> int:
     return HEADS["crop"] - 1
 
 
-def apply_actions(x: Tensor, actions: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-    """Augment float images in [0, 1] (N x C x H x W) with per-image head classes (`actions`,
-    long, N each): flip, CropShift, the colour/shape op, erasing. The residual randomness
-    comes from `generator` (on x's device): N sign coins, CropShift's draws, the erasing
-    boxes, in that order. Returns a tensor of x's shape, dtype and memory format."""
-    n, _, h, w = x.shape
-    if max_crop_shift() >= min(h, w):
-        raise ValueError(f"aroid: CropShift up to {max_crop_shift()} px needs images larger "
-                         f"than {h} x {w}")
-    dev = x.device
-    table = _tables(dev)
-    coins = torch.rand(n, generator=generator, device=dev)
-    x = hflip(x, actions["flip"] == 1)
-    x = crop_shift(x, *sample_crop_shift(actions["crop"], generator))
-    entry = actions["colour"]
-    magnitude = table.magnitude[entry]
-    magnitude = torch.where(table.signed[entry] & (coins < 0.5), -magnitude, magnitude)
-    x = apply_ops(x, COLOUR.ops, table.op_of[entry], magnitude)
+class Residual(NamedTuple):
+    """What a class leaves random, per image (N): the sign coins of the signed colour ops,
+    CropShift's parameters (`sample_crop_shift`) and the erasing boxes (0 x 0 where the
+    erase class is 0)."""
+
+    coins: Tensor
+    crop: tuple[Tensor, ...]
+    erase: tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def sample_residual(actions: dict[str, Tensor], h: int, w: int,
+                    generator: torch.Generator) -> Residual:
+    """Draw the residual randomness of `actions` (long, N each) for h x w images from
+    `generator`: N sign coins, CropShift's draws, the erasing boxes, in that order (a
+    fixed count of numbers per call)."""
+    n = actions["flip"].shape[0]
+    coins = torch.rand(n, generator=generator, device=generator.device)
+    crop = sample_crop_shift(actions["crop"], generator)
     k = actions["erase"]
     low = ERASE_STEP * k.float()
     top, left, bh, bw = sample_erase_boxes(n, h, w, generator, (low, low + ERASE_WIDTH),
                                            ERASE_RATIO)
     none = k == 0
-    return erase(x, top, left, bh.masked_fill(none, 0), bw.masked_fill(none, 0))
+    return Residual(coins, crop, (top, left, bh.masked_fill(none, 0), bw.masked_fill(none, 0)))
+
+
+def concat_draws(drawn: Sequence[tuple[dict[str, Tensor], Residual]]
+                 ) -> tuple[dict[str, Tensor], Residual]:
+    """Several draws (actions, residual) as one, rows in the order given (draw-major)."""
+    actions = {name: torch.cat([a[name] for a, _ in drawn]) for name in HEADS}
+    residuals = [r for _, r in drawn]
+    coins = torch.cat([r.coins for r in residuals])
+    crop = tuple(torch.cat(parts) for parts in zip(*(r.crop for r in residuals)))
+    top, left, bh, bw = (torch.cat(parts) for parts in zip(*(r.erase for r in residuals)))
+    return actions, Residual(coins, crop, (top, left, bh, bw))
+
+
+def repeat_batch(x: Tensor, times: int) -> Tensor:
+    """`times` copies of the batch, one after another (trajectory-major: row t N + i is
+    image i), in x's memory format."""
+    out = torch.cat([x] * times)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def by_image(values: Tensor, times: int) -> Tensor:
+    """Per-row values of a trajectory-major batch (T N rows) as N images x T."""
+    return values.view(times, -1).T
+
+
+def check_image_size(h: int, w: int) -> None:
+    if max_crop_shift() >= min(h, w):
+        raise ValueError(f"aroid: CropShift up to {max_crop_shift()} px needs images larger "
+                         f"than {h} x {w}")
+
+
+def apply_drawn(x: Tensor, actions: dict[str, Tensor], residual: Residual) -> Tensor:
+    """Augment float images in [0, 1] (N x C x H x W) with per-image head classes (`actions`,
+    long, N each) and their residual draws: flip, CropShift, the colour/shape op, erasing.
+    Returns a tensor of x's shape, dtype and memory format."""
+    check_image_size(*x.shape[2:])
+    table = _tables(x.device)
+    x = hflip(x, actions["flip"] == 1)
+    x = crop_shift(x, *residual.crop)
+    entry = actions["colour"]
+    magnitude = table.magnitude[entry]
+    magnitude = torch.where(table.signed[entry] & (residual.coins < 0.5), -magnitude, magnitude)
+    x = apply_ops(x, COLOUR.ops, table.op_of[entry], magnitude)
+    return erase(x, *residual.erase)
+
+
+def apply_actions(x: Tensor, actions: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    """`apply_drawn` with the residual randomness drawn now from `generator` (on x's
+    device; `sample_residual`)."""
+    check_image_size(*x.shape[2:])
+    return apply_drawn(x, actions, sample_residual(actions, *x.shape[2:], generator))
 
 
 def identity_actions(n: int, device: torch.device) -> dict[str, Tensor]:

@@ -27,8 +27,13 @@ Engine-specific choices:
   backbone is the model zoo's network with its classifier stripped (`backbone`: a model
   name, default PreActResNet-18, or "suite" for the suite's own architecture).
 - lambda's stage is the number of learning-rate decays passed (piecewise schedules; 0 for
-  others). r_vul uses the current training eps. Rewards are computed trajectory by
-  trajectory on the policy batch (T calls of the attack, as the reference).
+  others). r_vul uses the current training eps.
+- The T trajectories are scored as ONE batch of T x N images (the reference loops over
+  them, T attacks of N images): their actions and residual draws are taken one trajectory
+  after another, exactly the numbers the loop draws, then one augmentation, one attack
+  (or one per `reward_chunk` trajectories, to bound memory) and one forward per reward
+  model on the T N batch. Everything there is in eval mode, so on CPU the rewards equal
+  the loop's bit for bit (tests/test_aroid_batched.py); passes are counted per batch of N.
 - Sampling is an inverse CDF on the defense's own stream, which also draws what is left
   random within a class (CropShift's split and offsets, signs, erased boxes).
 - The diversity penalty is the reference code's (`_aroid_policy.py`): one pooled count
@@ -60,7 +65,15 @@ from defenses._aroid_policy import (
     reinforce_loss,
     sample_actions,
 )
-from defenses._aroid_space import apply_actions, max_crop_shift
+from defenses._aroid_space import (
+    apply_actions,
+    apply_drawn,
+    by_image,
+    concat_draws,
+    max_crop_shift,
+    repeat_batch,
+    sample_residual,
+)
 from defenses.base import Defense, register_defense
 
 GRAD_CLIP, POLICY_MOMENTUM = 1.0, 0.9
@@ -77,7 +90,8 @@ class AROID(Defense):
     card = CARD
     params = {"backbone": "preact_resnet18", "trajectories": 8, "update_every": 5,
               "warmup_epochs": 5, "lambdas": (0.4, 0.2, 0.1), "beta_div": 0.8,
-              "div_lower": 0.1, "div_upper": 0.3, "policy_lr": 1e-3, "reward_steps": 2}
+              "div_lower": 0.1, "div_upper": 0.3, "policy_lr": 1e-3, "reward_steps": 2,
+              "reward_chunk": 0}
     methods = ("at",)
     slots = ("augmentation",)
     capabilities = ("raw_batch", "clean_model")
@@ -87,12 +101,13 @@ class AROID(Defense):
                  update_every: int = 5, warmup_epochs: int = 5,
                  lambdas: Any = (0.4, 0.2, 0.1), beta_div: float = 0.8,
                  div_lower: float = 0.1, div_upper: float = 0.3, policy_lr: float = 1e-3,
-                 reward_steps: int = 2) -> None:
+                 reward_steps: int = 2, reward_chunk: int = 0) -> None:
         stages = parse_lambdas(lambdas)
         super().__init__(backbone=backbone, trajectories=trajectories,
                          update_every=update_every, warmup_epochs=warmup_epochs,
                          lambdas=list(stages), beta_div=beta_div, div_lower=div_lower,
-                         div_upper=div_upper, policy_lr=policy_lr, reward_steps=reward_steps)
+                         div_upper=div_upper, policy_lr=policy_lr, reward_steps=reward_steps,
+                         reward_chunk=reward_chunk)
         if not isinstance(backbone, str) or backbone not in ("suite", *list_models()):
             raise ConfigError(f"aroid: backbone must be 'suite' (the suite's architecture) or "
                               f"one of {list_models()}, got {backbone!r}")
@@ -105,6 +120,7 @@ class AROID(Defense):
         self.div_upper = check_number("div_upper", div_upper, 0.0)
         self.policy_lr = check_number("policy_lr", policy_lr, 0.0, low_open=True)
         self.reward_steps = check_integer("reward_steps", reward_steps, 1)
+        self.reward_chunk = check_integer("reward_chunk", reward_chunk, 0)
         self.uses_affinity = any(v > 0 for v in self.lambdas)
         self.capabilities = ("raw_batch", "clean_model") if self.uses_affinity else (
             "raw_batch",)
@@ -190,7 +206,8 @@ class AROID(Defense):
     # ---- the policy update --------------------------------------------------------
     def update_policy(self, state: TrainState) -> None:
         """One REINFORCE step on a fresh batch of the second stream (T trajectories per
-        image, per-image baseline, diversity penalty, gradient norm clipped to 1)."""
+        image, per-image baseline, diversity penalty, gradient norm clipped to 1), the T
+        trajectories scored as one batch, row t N + i = image i, trajectory t."""
         policy, gen = self._policy().train(), self._stream()
         assert self.optimizer is not None
         lam = self.lam(state)
@@ -201,18 +218,23 @@ class AROID(Defense):
         with state.autocast():
             logits = policy(x)
         state.counter.add(fwd=1)
-        ce_clean_aff = self._affinity_loss(state, x, y) if lam > 0 else None
-        logprobs, r_vul, r_aff = [], [], []
-        for _ in range(self.trajectories):
+        ce_clean = self._affinity_loss(state, x, y) if lam > 0 else None
+        t, n = self.trajectories, x.shape[0]
+        drawn = []
+        for _ in range(t):  # the reference's per-trajectory draws, in its order
             actions = sample_actions(logits, gen)
-            x_aug = apply_actions(x, actions, gen)
-            logprobs.append(log_prob(logits, actions))
-            r_vul.append(self._vulnerability(state, x_aug, y))
-            if ce_clean_aff is not None:
-                r_aff.append((self._affinity_loss(state, x_aug, y) - ce_clean_aff).clamp_min(0))
-        vul = torch.stack(r_vul, 1)  # N x T
-        aff = torch.stack(r_aff, 1) if r_aff else torch.zeros_like(vul)
-        loss = reinforce_loss(torch.stack(logprobs, 1), vul - lam * aff)
+            drawn.append((actions, sample_residual(actions, *x.shape[2:], gen)))
+        actions, residual = concat_draws(drawn)
+        x_aug = apply_drawn(repeat_batch(x, t), actions, residual)  # T N images
+        y_aug = y.repeat(t)
+        logprob = log_prob(logits, {h: a.view(t, n).T for h, a in actions.items()})  # N x T
+        vul = by_image(self._vulnerability(state, x_aug, y_aug, t), t)
+        if ce_clean is not None:
+            aff = (by_image(self._affinity_loss(state, x_aug, y_aug, t), t)
+                   - ce_clean[:, None]).clamp_min(0)
+        else:
+            aff = torch.zeros_like(vul)
+        loss = reinforce_loss(logprob, vul - lam * aff)
         div = diversity_penalty(logits, self.div_lower, self.div_upper)
         if self.beta_div > 0:
             loss = loss + self.beta_div * div
@@ -227,12 +249,27 @@ class AROID(Defense):
         state.log("aroid.r_aff", aff.mean())
         state.log("aroid.diversity", div.detach())
 
-    def _vulnerability(self, state: TrainState, x_aug: torch.Tensor,
-                       y: torch.Tensor) -> torch.Tensor:
-        """CE of the target on a short PGD of x^ minus its CE on x^, in eval mode."""
+    def _vulnerability(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
+                       trajectories: int = 1) -> torch.Tensor:
+        """CE of the target on a short PGD of x^ minus its CE on x^, in eval mode, for
+        `trajectories` whole trajectories (rows trajectory-major), `reward_chunk` of them
+        per attack call (0: all at once)."""
+        per, n = self.reward_chunk or trajectories, x_aug.shape[0] // trajectories
+        parts = []
+        for first in range(0, trajectories, per):
+            k = min(per, trajectories - first)
+            rows = slice(first * n, (first + k) * n)
+            parts.append(self._vulnerability_chunk(state, x_aug[rows], y[rows], k))
+        return torch.cat(parts)
+
+    def _vulnerability_chunk(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
+                             batches: int) -> torch.Tensor:
+        """r_vul on `batches` policy batches' worth of images; passes counted per batch
+        (one forward of k batches counts k, as k separate forwards would)."""
         model = state.model
         was_training = model.training
         model.eval()
+        before = state.counter.forward, state.counter.backward
         try:
             with torch.no_grad(), state.autocast():
                 ce_aug = F.cross_entropy(model(x_aug).float(), y, reduction="none")
@@ -243,15 +280,17 @@ class AROID(Defense):
                 ce_adv = F.cross_entropy(model(x_adv).float(), y, reduction="none")
         finally:
             model.train(was_training)
-        state.counter.add(fwd=2)
+        fwd, bwd = state.counter.forward - before[0], state.counter.backward - before[1]
+        state.counter.add(fwd=(batches - 1) * fwd + 2 * batches, bwd=(batches - 1) * bwd)
         return ce_adv - ce_aug
 
-    def _affinity_loss(self, state: TrainState, x: torch.Tensor,
-                       y: torch.Tensor) -> torch.Tensor:
+    def _affinity_loss(self, state: TrainState, x: torch.Tensor, y: torch.Tensor,
+                       batches: int = 1) -> torch.Tensor:
+        """CE of the affinity model (eval mode) per image; counts `batches` forwards."""
         assert self.affinity is not None
         with torch.no_grad(), state.autocast():
             ce = F.cross_entropy(self.affinity.eval()(x).float(), y, reduction="none")
-        state.counter.add(fwd=1)
+        state.counter.add(fwd=batches)
         return ce
 
     # ---- checkpoint -------------------------------------------------------------

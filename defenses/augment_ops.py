@@ -4,7 +4,9 @@ Every op takes float images in [0, 1] of shape N x C x H x W (C = 1 or 3) and re
 tensor of the same shape, dtype, device and memory format, with values in [0, 1]. The
 parameters are per image: tensors of shape (N,) (magnitudes, flags, offsets), so a fixed
 recipe (IDBH) draws them from a distribution and a learned policy (AROID) passes its own.
-Nothing loops over images and nothing synchronises with the host.
+Nothing loops over images and nothing synchronises with the host. `apply_ops` gives each
+image its own op in one pass per op family (one blend for the blend ops, one gather for the
+geometric ops), not every op on every image.
 
 Magnitude conventions (`OPS`, the colour/shape ops selected per image by `apply_ops`):
   saturation, brightness, contrast, sharpness  enhancement factor; 1 = identity, 0 = the
@@ -63,7 +65,7 @@ def uniform_int(low: Tensor, high: Tensor, generator: torch.Generator) -> Tensor
 # --------------------------------------------------------------------------- colour
 
 
-def _blend(x: Tensor, degenerate: Tensor, factor: Tensor | float) -> Tensor:
+def _blend(x: Tensor, degenerate: Tensor | float, factor: Tensor | float) -> Tensor:
     f = _per_image(factor, x)
     return (f * x + (1 - f) * degenerate).clamp_(0, 1)
 
@@ -92,13 +94,18 @@ def contrast(x: Tensor, factor: Tensor | float) -> Tensor:
 
 def sharpness(x: Tensor, factor: Tensor | float) -> Tensor:
     """Blend with PIL's SMOOTH filter (3x3, centre 5, others 1, / 13); borders kept."""
+    return _blend(x, _smooth(x), factor)
+
+
+def _smooth(x: Tensor) -> Tensor:
+    """PIL's SMOOTH filter (3x3, centre 5, others 1, / 13) inside the border; border kept."""
     c = x.shape[1]
     kernel = torch.full((3, 3), 1 / 13, dtype=x.dtype, device=x.device)
     kernel[1, 1] = 5 / 13
     kernel = kernel.expand(c, 1, 3, 3)
     smooth = x.clone()
     smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
-    return _blend(x, smooth, factor)
+    return smooth
 
 
 def autocontrast(x: Tensor, magnitude: Tensor | float | None = None) -> Tensor:
@@ -283,11 +290,87 @@ OPS: dict[str, Op] = {
 }
 
 
+#: the ops `apply_ops` fuses: each family runs once per call, with per-image parameters
+_BLEND = ("saturation", "brightness", "contrast", "sharpness")
+_AFFINE = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _blend_selected(x: Tensor, picked: dict[str, Tensor], magnitude: Tensor) -> Tensor:
+    """The blend ops in one pass: each image blends with its own op's degenerate image
+    (grey, black, mean grey or smoothed), computed as each op computes it."""
+    degenerate: Tensor | float = 0.0  # brightness: black
+    luma = grey(x) if "saturation" in picked or "contrast" in picked else None
+    if luma is not None and "saturation" in picked:
+        degenerate = torch.where(picked["saturation"], luma, degenerate)
+    if luma is not None and "contrast" in picked:
+        mean = luma.mean(dim=(1, 2, 3), keepdim=True)
+        degenerate = torch.where(picked["contrast"], mean, degenerate)
+    if "sharpness" in picked:
+        degenerate = torch.where(picked["sharpness"], _smooth(x), degenerate)
+    return _blend(x, degenerate, magnitude)
+
+
+def _affine_selected(x: Tensor, picked: dict[str, Tensor], magnitude: Tensor) -> Tensor:
+    """The geometric ops in one gather: each image's own source matrix and shift (the
+    identity for images of other ops), built exactly as `rotate`, `shear` and `translate`
+    build theirs."""
+    m = _as_vector(magnitude, x)
+    one, zero = torch.ones_like(m), torch.zeros_like(m)
+    a, b, c, d, sx, sy = one, zero, zero, one, zero, zero
+    if "rotate" in picked:
+        rot = picked["rotate"]
+        cos, sin = torch.cos(torch.deg2rad(m)), torch.sin(torch.deg2rad(m))
+        a, b = torch.where(rot, cos, a), torch.where(rot, -sin, b)
+        c, d = torch.where(rot, sin, c), torch.where(rot, cos, d)
+    if "shear_x" in picked or "shear_y" in picked:
+        t = torch.tan(m)
+        if "shear_x" in picked:
+            b = torch.where(picked["shear_x"], t, b)
+        if "shear_y" in picked:
+            c = torch.where(picked["shear_y"], t, c)
+    if "translate_x" in picked:
+        sx = torch.where(picked["translate_x"], -m, sx)
+    if "translate_y" in picked:
+        sy = torch.where(picked["translate_y"], -m, sy)
+    matrix = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], -2)
+    return affine_nearest(x, matrix, torch.stack([sx, sy], -1))
+
+
 def apply_ops(x: Tensor, names: Sequence[str], choice: Tensor, magnitude: Tensor) -> Tensor:
-    """Image i gets op `names[choice[i]]` with `magnitude[i]` (choice long, N). Each op runs
-    on the whole batch and the choice selects per image (no host sync on any device)."""
-    out = x
+    """Image i gets op `names[choice[i]]` with `magnitude[i]` (choice long, N; an image
+    whose choice names no op is left as it is). No host sync on any device.
+
+    The blend ops run as one blend and the geometric ops as one gather, each image with
+    its own op's parameters (`_blend_selected`, `_affine_selected`); autocontrast,
+    equalize, solarize and posterize run on the whole batch (each is a few element-wise
+    kernels) and the choice selects per image. The result equals, bit for bit, running
+    every op on the whole batch and selecting (what this function did before)."""
+    unknown = [name for name in names if name not in OPS]
+    if unknown:
+        raise KeyError(f"unknown augmentation op(s) {unknown}; known: {sorted(OPS)}")
+    picked: dict[str, Tensor] = {}
     for k, name in enumerate(names):
-        picked = (choice == k).view(-1, 1, 1, 1)
-        out = torch.where(picked, OPS[name](x, magnitude), out)
+        hit = choice == k
+        picked[name] = picked[name] | hit if name in picked else hit
+    if x.shape[1] == 1:
+        picked.pop("saturation", None)  # identity on one channel, as `saturation`
+    picked.pop("identity", None)
+    out = x
+    blends = {n: picked.pop(n).view(-1, 1, 1, 1) for n in _BLEND if n in picked}
+    if blends:
+        out = torch.where(_any(blends), _blend_selected(x, blends, magnitude), out)
+    affine = {n: picked.pop(n) for n in _AFFINE if n in picked}
+    if affine:
+        out = torch.where(_any(affine).view(-1, 1, 1, 1), _affine_selected(x, affine, magnitude),
+                          out)
+    for name, hit in picked.items():
+        out = torch.where(hit.view(-1, 1, 1, 1), OPS[name](x, magnitude), out)
     return _keep_format(out, x)
+
+
+def _any(picked: dict[str, Tensor]) -> Tensor:
+    masks = iter(picked.values())
+    out = next(masks)
+    for mask in masks:
+        out = out | mask
+    return out

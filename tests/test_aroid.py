@@ -359,14 +359,15 @@ def _scripted_update(tmp_path, suite, splits, lr: float = 1e-3, lam: float = 0.4
         sampled.append(out)
         return out
 
-    def vulnerability(state, x_aug, y):
-        a = sampled[-1]
-        return (a["flip"] == 1).float() + a["crop"].float() / 15
+    def vulnerability(state, x_aug, y, trajectories=1):  # the T N batch, trajectory-major
+        assert len(x_aug) == len(sampled) * len(drawn[0][0]) and trajectories == len(sampled)
+        return torch.cat([(a["flip"] == 1).float() + a["crop"].float() / 15 for a in sampled])
 
-    def affinity(state, x, y):
+    def affinity(state, x, y, batches=1):
         if len(sampled) == 0:  # the clean batch, before any trajectory
             return torch.full((len(y),), 0.5)
-        return 2.0 * (sampled[-1]["erase"] > 0).float()
+        assert batches == len(sampled)
+        return torch.cat([2.0 * (a["erase"] > 0).float() for a in sampled])
 
     state.draw_batch = spy_draw
     aroid._vulnerability, aroid._affinity_loss = vulnerability, affinity
@@ -613,6 +614,7 @@ def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_sp
     ({"div_lower": 1.0}, r"div_lower must be a finite number in \[0.0, 1.0\)"),
     ({"policy_lr": 0}, r"policy_lr must be a finite number in \(0.0, inf\)"),
     ({"reward_steps": True}, "reward_steps must be an integer >= 1"),
+    ({"reward_chunk": -1}, "reward_chunk must be an integer >= 0"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
