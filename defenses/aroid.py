@@ -30,9 +30,9 @@ Engine-specific choices:
   others). r_vul uses the current training eps.
 - The T trajectories are scored as ONE batch of T x N images (the reference loops over
   them, T attacks of N images): their actions and residual draws are taken one trajectory
-  after another, exactly the numbers the loop draws, then one augmentation, one attack
-  (or one per `reward_chunk` trajectories, to bound memory) and one forward per reward
-  model on the T N batch. Everything there is in eval mode, so on CPU the rewards equal
+  after another, exactly the numbers the loop draws, then one augmentation, one attack (or
+  one per ROBENCH_AROID_REWARD_CHUNK trajectories, to bound memory) and one forward per
+  reward model on the T N batch. Everything there is in eval mode, so on CPU the rewards equal
   the loop's bit for bit (tests/test_aroid_batched.py); passes are counted per batch of N.
 - Sampling is an inverse CDF on the defense's own stream, which also draws what is left
   random within a class (CropShift's split and offsets, signs, erased boxes).
@@ -46,6 +46,7 @@ Engine-specific choices:
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -82,6 +83,19 @@ GRAD_CLIP, POLICY_MOMENTUM = 1.0, 0.9
 AFFINITY_RECIPE = CleanRecipe(augment="none", epoch_share=40 / 200, milestones=(0.5, 0.75))
 
 
+REWARD_CHUNK_VARIABLE = "ROBENCH_AROID_REWARD_CHUNK"
+
+
+def reward_chunk_from_environment() -> int:
+    """Trajectories per reward attack call, from ROBENCH_AROID_REWARD_CHUNK (unset or 0: all
+    T at once). A memory bound on small GPUs; it changes no result."""
+    raw = os.environ.get(REWARD_CHUNK_VARIABLE, "0").strip() or "0"
+    if not raw.isdigit():
+        raise ConfigError(f"aroid: {REWARD_CHUNK_VARIABLE} must be an integer >= 0 (trajectories "
+                          f"per reward attack call; 0 = all at once), got {raw!r}")
+    return int(raw)
+
+
 @register_defense("aroid")
 class AROID(Defense):
     """AROID (Li, Qiu & Spratling, IJCV 2024): an online, per-image augmentation policy
@@ -90,8 +104,7 @@ class AROID(Defense):
     card = CARD
     params = {"backbone": "preact_resnet18", "trajectories": 8, "update_every": 5,
               "warmup_epochs": 5, "lambdas": (0.4, 0.2, 0.1), "beta_div": 0.8,
-              "div_lower": 0.1, "div_upper": 0.3, "policy_lr": 1e-3, "reward_steps": 2,
-              "reward_chunk": 0}
+              "div_lower": 0.1, "div_upper": 0.3, "policy_lr": 1e-3, "reward_steps": 2}
     methods = ("at",)
     slots = ("augmentation",)
     capabilities = ("raw_batch", "clean_model")
@@ -101,13 +114,12 @@ class AROID(Defense):
                  update_every: int = 5, warmup_epochs: int = 5,
                  lambdas: Any = (0.4, 0.2, 0.1), beta_div: float = 0.8,
                  div_lower: float = 0.1, div_upper: float = 0.3, policy_lr: float = 1e-3,
-                 reward_steps: int = 2, reward_chunk: int = 0) -> None:
+                 reward_steps: int = 2) -> None:
         stages = parse_lambdas(lambdas)
         super().__init__(backbone=backbone, trajectories=trajectories,
                          update_every=update_every, warmup_epochs=warmup_epochs,
                          lambdas=list(stages), beta_div=beta_div, div_lower=div_lower,
-                         div_upper=div_upper, policy_lr=policy_lr, reward_steps=reward_steps,
-                         reward_chunk=reward_chunk)
+                         div_upper=div_upper, policy_lr=policy_lr, reward_steps=reward_steps)
         if not isinstance(backbone, str) or backbone not in ("suite", *list_models()):
             raise ConfigError(f"aroid: backbone must be 'suite' (the suite's architecture) or "
                               f"one of {list_models()}, got {backbone!r}")
@@ -120,7 +132,9 @@ class AROID(Defense):
         self.div_upper = check_number("div_upper", div_upper, 0.0)
         self.policy_lr = check_number("policy_lr", policy_lr, 0.0, low_open=True)
         self.reward_steps = check_integer("reward_steps", reward_steps, 1)
-        self.reward_chunk = check_integer("reward_chunk", reward_chunk, 0)
+        # memory only, not a parameter of the method: it changes no result (CPU: bit for
+        # bit), so it is read from the environment and never part of the run's identity
+        self.reward_chunk = reward_chunk_from_environment()
         self.uses_affinity = any(v > 0 for v in self.lambdas)
         self.capabilities = ("raw_batch", "clean_model") if self.uses_affinity else (
             "raw_batch",)

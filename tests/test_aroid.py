@@ -614,7 +614,6 @@ def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_sp
     ({"div_lower": 1.0}, r"div_lower must be a finite number in \[0.0, 1.0\)"),
     ({"policy_lr": 0}, r"policy_lr must be a finite number in \(0.0, inf\)"),
     ({"reward_steps": True}, "reward_steps must be an integer >= 1"),
-    ({"reward_chunk": -1}, "reward_chunk must be an integer >= 0"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -640,3 +639,16 @@ def test_card_and_defaults_are_the_published_recipe():
     assert AROID.slots == ("augmentation",) and AROID.methods == ("at",)
     assert d.capabilities == ("raw_batch", "clean_model")
     assert AROID(lambdas=0.0).capabilities == ("raw_batch",)  # no affinity, no clean model
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_a_bad_reward_chunk_is_refused(monkeypatch, value):
+    monkeypatch.setenv("ROBENCH_AROID_REWARD_CHUNK", value)
+    with pytest.raises(ConfigError, match="ROBENCH_AROID_REWARD_CHUNK must be an integer >= 0"):
+        AROID()
+
+
+def test_reward_chunk_is_not_a_parameter_of_the_run(monkeypatch):
+    monkeypatch.setenv("ROBENCH_AROID_REWARD_CHUNK", "3")
+    aroid = AROID()
+    assert aroid.reward_chunk == 3 and "reward_chunk" not in aroid.hparams

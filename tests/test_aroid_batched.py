@@ -145,15 +145,16 @@ def sequential_update(aroid, state) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 3, 9])
-def test_batched_update_equals_the_sequential_loop(tmp_path, smoke_suite, smoke_splits, chunk):
+def test_batched_update_equals_the_sequential_loop(tmp_path, smoke_suite, smoke_splits, chunk,
+                                                   monkeypatch):
     """Same draws, rewards and log-probabilities (bit for bit), pass counts, and policy
     step (to float rounding) as the loop; `reward_chunk` trajectories per attack call
     (0 and 9: all at once; 3 of 4: an uneven split)."""
     t = 4
     params = {"lambdas": 0.4, "trajectories": t}
     old_trainer, old_state = _built(tmp_path / "old", smoke_suite, smoke_splits, spec(**params))
-    new_trainer, new_state = _built(tmp_path / "new", smoke_suite, smoke_splits,
-                                    spec(**params, reward_chunk=chunk))
+    monkeypatch.setenv("ROBENCH_AROID_REWARD_CHUNK", str(chunk))
+    new_trainer, new_state = _built(tmp_path / "new", smoke_suite, smoke_splits, spec(**params))
     (old,), (new,) = old_trainer.defenses, new_trainer.defenses
     old_counts = old_state.counter.forward, old_state.counter.backward
     new_counts = new_state.counter.forward, new_state.counter.backward
