@@ -38,7 +38,10 @@ tensor, the lowest scores first (ties by position), where the reference's
 `< np.percentile` conserves fewer on ties; the revision model runs in train mode (batch
 statistics, its own BatchNorm running statistics updated by its forwards, as in the
 reference) and is evaluated in eval mode with them; the gate of the revision update is
-drawn from the defense's own random stream. `eval_models` adds the revision model
+drawn from the defense's own random stream (on the device, folded into the update's
+weights: no host sync). The masks of all masked tensors come from one sort. Under bf16
+autocast the forwards that the consistency compares (student and revision model) run in
+fp32. `eval_models` adds the revision model
 (`cure.revision`; until the switch it is the initial network); the student is the row.
 """
 

@@ -14,7 +14,9 @@ moving stable model consolidates knowledge:
   (d) relearning: from the first forgetting on, the loss adds
       lam * consistency(logits(x_adv), stable_logits(x_adv)), the stable model in eval
       mode and detached.
-`eval_models` adds the stable model (`fomo.stable`) to the evaluation.
+`eval_models` adds the stable model (`fomo.stable`) to the evaluation. Under bf16
+autocast the consistency compares fp32 forwards of both models (one extra forward of the
+working model, counted), as bf16 rounding swamps the difference of near-identical models.
 
 RECONSTRUCTED: there is no official code and the paper's
 Algorithm 1 and appendix were not available, so every unknown is a parameter whose
@@ -145,7 +147,9 @@ class FOMO(Defense):
                "are ROBench's choices (see 'ROBench reconstruction'), each overridable. "
                "Evaluated twice: the working model (the row) and the EMA stable model "
                "('fomo.stable'). Overhead: one forward of the stable model per batch while "
-               "the consistency term is on, one EMA update per step, and a re-draw of the "
+               "the consistency term is on (under bf16 autocast both compared forwards "
+               "run in fp32: the stable model's and a second one of the working model), "
+               "one EMA update per step (foreach operations), and a re-draw of the "
                "eligible kernels at each forgetting event. The published numbers come from "
                "a secondary source and do not say which model (working or stable) they are "
                "for. See docs/defenses/fomo.md."),

@@ -404,6 +404,31 @@ def test_resume_equals_uninterrupted_including_stable_model_and_stream(
     assert ["fomo.forgotten" in r for r in rows] == [True, True, False]
 
 
+def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_splits):
+    """The CUDA configuration (bf16 autocast, channels_last) through the engine, on a
+    network with BatchNorm: the relearning epoch trains (finite losses), counts two extra
+    forwards per batch (the stable model's and the working model's fp32 forward), and the
+    fp32 working-model forward leaves BatchNorm's counter as the training forwards set it."""
+    suite = replace(smoke_suite, model=ModelConfig("preact_resnet18", {"width": 4}))
+    runs = {}
+    for name, defenses in (("plain", ()), ("fomo", (spec(**STRONG),))):
+        trainer = Trainer(RunSpec(suite.name, "at", defenses, 0), suite, smoke_splits,
+                          tmp_path / name, device=CPU, progress=False, mixed_precision=True,
+                          channels_last=True)
+        trainer.train()
+        runs[name] = trainer
+    rows = read_history(tmp_path / "fomo" / "history.jsonl")
+    plain_rows = read_history(tmp_path / "plain" / "history.jsonl")
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert math.isfinite(rows[1]["loss.fomo.consistency"])
+    batches = len(runs["fomo"].loader)
+    assert rows[1]["forward_passes"] - plain_rows[1]["forward_passes"] == 2 * batches
+    counters = [(n, b) for n, b in runs["fomo"].model.named_buffers()
+                if n.endswith("num_batches_tracked")]
+    plain_counters = dict(runs["plain"].model.named_buffers())
+    assert counters and all(torch.equal(b, plain_counters[n]) for n, b in counters)
+
+
 def test_trains_with_at_and_refuses_other_methods(tmp_path, smoke_suite, smoke_splits):
     plain = train(tmp_path / "plain", smoke_suite, smoke_splits)
     trainer = train(tmp_path / "fomo", smoke_suite, smoke_splits, defenses=[spec(**STRONG)])
