@@ -90,8 +90,12 @@ CARD = DefenseCard(
            "CURE mode. Small CNNs have no residual blocks: rgp_soft masks nothing "
            "there. Conserves exactly round(percent% of n) entries per masked tensor. "
            "Overhead per CURE batch: 2 forwards of the revision model (gamma > 0), "
-           "2 backwards (rgp_soft with blocks, paper), a selection per masked tensor, an "
-           "EMA update with probability r; clean epochs cost one forward and backward. "
+           "2 backwards (rgp_soft with blocks, paper), one sort for the masks of all "
+           "masked tensors, an EMA update with probability r (done as three foreach "
+           "operations every step, the gate folded in); clean epochs cost one forward "
+           "and backward. Under bf16 autocast the student's and the revision model's "
+           "forwards run in fp32 (gamma > 0): the consistency of two near-identical "
+           "networks is below bf16's rounding. "
            "Evaluated twice: the student (the row) and the revision model "
            "('cure.revision')."),
 )

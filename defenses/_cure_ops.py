@@ -60,25 +60,74 @@ def conserved_count(percent: float, n: int) -> int:
     return min(n, math.floor(percent * n / 100 + 0.5))
 
 
+class ConserveLayout:
+    """The conserve masks of a fixed list of tensor shapes, all at once.
+
+    The scores of all masked tensors arrive as one vector (each tensor flattened in logical,
+    row-major order, one after another: `flat_logical`). In each tensor ("segment") of n
+    entries, exactly `conserved_count(percent, n)` entries are conserved: the lowest scores,
+    ties by the lower flat index; -0.0 and +0.0 are the same score. One stable sort of the
+    whole vector by the key (segment, score) orders every segment by score, its ties by
+    position; the sorted order is segment after segment with the same sizes, so whether the
+    j-th sorted entry is conserved (its rank in its segment below that segment's k) does not
+    depend on the scores: a vector computed once. Per call: the keys, one sort and one
+    scatter, whatever the number of tensors (the per-tensor selection this replaces ran one
+    single-block `kthvalue` and about fifteen small kernels per tensor). No host sync.
+    Scores must be finite float32."""
+
+    def __init__(self, shapes: list[torch.Size], percent: float, device: torch.device) -> None:
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.percent, self.device = percent, torch.device(device)
+        self.total = sum(self.sizes)
+        sizes = torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
+        starts = torch.cumsum(sizes, 0) - sizes
+        ks = torch.tensor([conserved_count(percent, n) for n in self.sizes],
+                          dtype=torch.int64, device=self.device)
+        segment = torch.repeat_interleave(
+            torch.arange(len(self.sizes), device=self.device), sizes, output_size=self.total)
+        self.key_base = segment * 2**32  # keeps the segments apart, in order
+        rank = torch.arange(self.total, device=self.device) - starts[segment]
+        self.conserved_sorted = rank < ks[segment]
+
+    def matches(self, shapes: list[torch.Size], percent: float, device: torch.device) -> bool:
+        return ([torch.Size(s) for s in shapes] == self.shapes and percent == self.percent
+                and torch.device(device) == self.device)
+
+    def conserved(self, flat_score: torch.Tensor) -> torch.Tensor:
+        """Flat boolean vector, True at the entries to conserve."""
+        if flat_score.shape != (self.total,):
+            raise ValueError(f"cure: {flat_score.numel()} scores for a layout of {self.total}")
+        # float32 -> int32 bits -> an integer whose order is the float order (negatives:
+        # all but the sign bit flipped); + 0.0 makes -0.0 into +0.0 (a tie, as before)
+        bits = (flat_score.float() + 0.0).view(torch.int32).to(torch.int64)
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        order = torch.sort(self.key_base + bits, stable=True).indices
+        out = torch.empty(self.total, dtype=torch.bool, device=flat_score.device)
+        return out.scatter_(0, order, self.conserved_sorted)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector in the layout's shapes (logical order)."""
+        return [part.view(s) for part, s in
+                zip(flat.split(self.sizes), self.shapes, strict=True)]
+
+
+def flat_logical(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors flattened in logical (row-major) order and concatenated: one copy into
+    a fresh vector, whatever their memory format (channels_last)."""
+    sizes = [t.numel() for t in tensors]
+    out = torch.empty(sum(sizes), dtype=torch.float32, device=tensors[0].device)
+    views = [part.view(t.shape) for part, t in zip(out.split(sizes), tensors, strict=True)]
+    torch._foreach_copy_(views, tensors)
+    return out
+
+
 def update_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
     """Boolean mask of `score`'s shape, False ("conserve") at exactly
     `conserved_count(percent, n)` entries with the lowest score (ties: the lower flat
-    index first), True ("update") elsewhere."""
-    flat = score.reshape(-1)
-    n = flat.numel()
-    k = conserved_count(percent, n)
-    if k == 0:
-        return torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    if k >= n:
-        return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-    # Selection instead of a full sort (a stable argsort of every layer took half of a
-    # training step): the k-th smallest score, everything below it, then the first
-    # (by flat index) of the entries tied with it until k are conserved. No host sync.
-    kth = torch.kthvalue(flat, k).values
-    below = flat < kth
-    ties = flat == kth
-    conserve = below | (ties & (torch.cumsum(ties, 0) <= k - below.sum()))
-    return (~conserve).view(score.shape)
+    index first), True ("update") elsewhere. One tensor through `ConserveLayout`."""
+    layout = ConserveLayout([score.shape], percent, score.device)
+    return ~layout.conserved(flat_logical([score])).view(score.shape)
 
 
 def prominence(grad_clean: torch.Tensor, grad_adv: torch.Tensor, alpha_c: float) -> torch.Tensor:
@@ -109,14 +158,22 @@ def clean_epochs(fraction: float, epochs: int) -> int:
     return math.floor(fraction * epochs + 0.5)
 
 
-def conserve_(params: list[torch.Tensor], scores: list[torch.Tensor], percent: float) -> None:
+def conserve_(params: list[torch.Tensor], flat_score: torch.Tensor, percent: float,
+              layout: ConserveLayout | None = None) -> ConserveLayout | None:
     """Zero, in each parameter's `.grad`, the entries whose score is among the lowest
-    `percent` of that parameter (layer); parameters without a gradient are skipped."""
-    if percent <= 0:
-        return
-    for p, score in zip(params, scores, strict=True):
+    `percent` of that parameter (layer); `flat_score` holds the scores of all `params`
+    (`flat_logical` order). Parameters without a gradient are skipped. Returns the layout
+    used (pass it back next time: it is reused while the shapes match)."""
+    if percent <= 0 or not params:
+        return layout
+    shapes = [p.shape for p in params]
+    if layout is None or not layout.matches(shapes, percent, flat_score.device):
+        layout = ConserveLayout(shapes, percent, flat_score.device)
+    conserve = layout.split(layout.conserved(flat_score))
+    for p, mask in zip(params, conserve, strict=True):
         if p.grad is not None:
-            p.grad.masked_fill_(~update_mask(score, percent), 0.0)
+            p.grad.masked_fill_(mask, 0.0)
+    return layout
 
 
 def last_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -134,11 +191,18 @@ def revision_decay(mode: str, decay: float, step: int) -> float:
     return min(1 - 1 / (step + 1), decay)
 
 
+@torch.no_grad()
 def revise_(revision: nn.Module, model: nn.Module, decay: float, gate: torch.Tensor) -> None:
     """theta_rev <- decay * theta_rev + (1 - decay) * theta for the parameters (buffers are
-    left alone) where the boolean scalar `gate` is True; exactly unchanged where False
-    (a tensor gate: no host synchronisation)."""
-    with torch.no_grad():
-        for r, p in zip(revision.parameters(), model.parameters(), strict=True):
-            blended = r * decay + p.detach() * (1 - decay)
-            r.copy_(torch.where(gate, blended, r))
+    left alone) where the boolean scalar `gate` is True; unchanged where False. The gate is
+    folded into the two weights (decay, 1 - decay where on; 1, 0 where off), so three
+    foreach operations cover all parameters and nothing is read back to the host; where on,
+    the values are those of `r * decay + p * (1 - decay)` bit for bit."""
+    rev = list(revision.parameters())
+    cur = [p.detach() for p in model.parameters()]
+    if len(rev) != len(cur):
+        raise ValueError("cure: the revision model does not match the student")
+    keep = torch.where(gate, decay, 1.0)
+    take = torch.where(gate, 1 - decay, 0.0)
+    torch._foreach_mul_(rev, keep)
+    torch._foreach_add_(rev, torch._foreach_mul(cur, take))

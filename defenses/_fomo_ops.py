@@ -100,22 +100,32 @@ def ema_update_(stable: nn.Module, working: nn.Module, decay: float,
                 gate: torch.Tensor | None = None) -> None:
     """stable <- decay * stable + (1 - decay) * working for every parameter; every buffer
     (BatchNorm running statistics and counters) is copied. With a boolean 0-dim `gate`
-    the update happens only where it is true (decided on the device: no host sync)."""
-    s_params, w_params = list(stable.parameters()), list(working.parameters())
+    the update happens only where it is true (decided on the device: no host sync). A few
+    foreach operations over all tensors, no per-tensor loop."""
+    s_params, w_params = list(stable.parameters()), [p.detach() for p in working.parameters()]
     s_buffers, w_buffers = list(stable.buffers()), list(working.buffers())
     if len(s_params) != len(w_params) or len(s_buffers) != len(w_buffers):
         raise ValueError("fomo: the stable model does not match the working model")
     if gate is None:
         torch._foreach_mul_(s_params, decay)
         torch._foreach_add_(s_params, w_params, alpha=1 - decay)
-        for s, w in zip(s_buffers, w_buffers):
-            s.copy_(w)
+        if s_buffers:
+            torch._foreach_copy_(s_buffers, w_buffers)
         return
     keep = torch.where(gate, decay, 1.0)  # 1: the stable model stays as it is
-    for s, w in zip(s_params, w_params):
-        s.mul_(keep.to(s.dtype)).add_(w.detach() * (1 - keep).to(s.dtype))
-    for s, w in zip(s_buffers, w_buffers):
-        s.copy_(torch.where(gate, w, s))
+    torch._foreach_mul_(s_params, keep)
+    torch._foreach_add_(s_params, torch._foreach_mul(w_params, 1 - keep))
+    # buffers: s * (1 - g) + w * g with g in {0, 1}, in each buffer's dtype (exact for
+    # finite values: s or w), floats and integers (BatchNorm's counter) apart
+    for is_float in (True, False):
+        pairs = [(s, w) for s, w in zip(s_buffers, w_buffers, strict=True)
+                 if s.is_floating_point() == is_float]
+        if not pairs:
+            continue
+        s_list, w_list = [s for s, _ in pairs], [w for _, w in pairs]
+        on = gate.to(s_list[0].dtype)
+        torch._foreach_mul_(s_list, 1 - on)
+        torch._foreach_add_(s_list, torch._foreach_mul(w_list, on))
 
 
 def consistency_loss(logits: torch.Tensor, target_logits: torch.Tensor,

@@ -38,12 +38,16 @@ tensor, the lowest scores first (ties by position), where the reference's
 `< np.percentile` conserves fewer on ties; the revision model runs in train mode (batch
 statistics, its own BatchNorm running statistics updated by its forwards, as in the
 reference) and is evaluated in eval mode with them; the gate of the revision update is
-drawn from the defense's own random stream. `eval_models` adds the revision model
+drawn from the defense's own random stream (on the device, folded into the update's
+weights: no host sync). The masks of all masked tensors come from one sort. Under bf16
+autocast the forwards that the consistency compares (student and revision model) run in
+fp32. `eval_models` adds the revision model
 (`cure.revision`; until the switch it is the initial network); the student is the row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -56,10 +60,12 @@ from bench.config import ConfigError, Suite
 from bench.state import TrainState
 from defenses._cure_card import CARD
 from defenses._cure_ops import (
+    ConserveLayout,
     block_first_convs,
     clean_epochs,
     conserve_,
     consistency,
+    flat_logical,
     last_linear_parameters,
     prominence,
     revise_,
@@ -123,6 +129,7 @@ class CURE(Defense):
         self.switched = False  # the revision model has been copied from the student
         self.masked: list[int] = []  # rgp_soft: positions of the masked parameters
         self._logits: tuple[torch.Tensor, torch.Tensor] | None = None  # this batch's
+        self._layout: ConserveLayout | None = None  # the masks' layout (not checkpointed)
 
     def check_run(self, method: str, suite: Suite) -> None:
         epochs = suite.train.epochs
@@ -163,6 +170,15 @@ class CURE(Defense):
         if self._clean(state):
             state.x_adv = state.x  # clean training: the engine runs no attack
 
+    def _compared(self, state: TrainState) -> contextlib.AbstractContextManager:
+        """Where the consistency term compares the student with the revision model (gamma
+        > 0, after the clean phase) under mixed precision: the four forwards whose outputs
+        it compares run in fp32 (autocast off): bf16 logits of two near-identical models
+        differ by rounding more than by the models. fp32 runs: nothing changes."""
+        if state.autocast_dtype is None or self.gamma == 0:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=state.device.type, enabled=False)
+
     # ---- objective --------------------------------------------------------------------
     def objective_loss(self, state: TrainState) -> torch.Tensor:
         assert state.x is not None and state.x_adv is not None and state.y is not None
@@ -171,8 +187,9 @@ class CURE(Defense):
             state.counter.add(fwd=1)
             state.logits, self._logits = logits, None
             return F.cross_entropy(logits, state.y, reduction="none")
-        logits_clean = state.model(state.x).float()
-        logits_adv = state.model(state.x_adv).float()
+        with self._compared(state):  # fp32 under bf16 autocast (see `_compared`)
+            logits_clean = state.model(state.x).float()
+            logits_adv = state.model(state.x_adv).float()
         state.counter.add(fwd=2)
         state.logits = logits_adv
         self._logits = (logits_clean, logits_adv)
@@ -185,7 +202,7 @@ class CURE(Defense):
             return None
         assert self._logits is not None, "cure: objective_loss did not run"
         revision = self._revision().train()
-        with torch.no_grad(), state.autocast():
+        with torch.no_grad(), self._compared(state):
             targets = revision(state.x).float(), revision(state.x_adv).float()
         state.counter.add(fwd=2)
         return {"consistency": self.gamma * consistency(*self._logits, *targets)}
@@ -212,20 +229,23 @@ class CURE(Defense):
                 return
             grads_ce = state.term_grads[f"{self.name}.ce_clean"]
             grads_kl = state.term_grads[f"{self.name}.kl"]
-            conserve_([params[i] for i in self.masked],
-                      [signed_prominence(grads_ce[i], grads_kl[i], self.alpha_c)
-                       for i in self.masked], self.percent)
-            return
-        if self.mode == "paper":
-            grads_clean = state.term_grads[f"{self.name}.ce_clean"]
-            grads_adv = state.term_grads[f"{self.name}.ce_adv"]
-            scores = [prominence(gc, ga, self.alpha_c)
-                      for gc, ga in zip(grads_clean, grads_adv, strict=True)]
-            conserve_(params, scores, self.percent)
-            return
-        classifier = {id(p) for p in last_linear_parameters(state.model)}
-        masked = [p for p in params if id(p) not in classifier and p.grad is not None]
-        conserve_(masked, [p.grad.abs() for p in masked], self.percent)
+            masked = [params[i] for i in self.masked]
+            score = signed_prominence(flat_logical([grads_ce[i] for i in self.masked]),
+                                      flat_logical([grads_kl[i] for i in self.masked]),
+                                      self.alpha_c)
+        elif self.mode == "paper":
+            masked = params
+            score = prominence(flat_logical(state.term_grads[f"{self.name}.ce_clean"]),
+                               flat_logical(state.term_grads[f"{self.name}.ce_adv"]),
+                               self.alpha_c)
+        else:
+            classifier = {id(p) for p in last_linear_parameters(state.model)}
+            masked = [p for p in params if id(p) not in classifier and p.grad is not None]
+            if not masked:
+                return
+            score = flat_logical([p.grad for p in masked]).abs()
+        # all masked tensors at once (one sort); the layout is reused from step to step
+        self._layout = conserve_(masked, score, self.percent, self._layout)
 
     # ---- revise -----------------------------------------------------------------------
     def after_step(self, state: TrainState) -> None:

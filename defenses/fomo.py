@@ -14,7 +14,9 @@ moving stable model consolidates knowledge:
   (d) relearning: from the first forgetting on, the loss adds
       lam * consistency(logits(x_adv), stable_logits(x_adv)), the stable model in eval
       mode and detached.
-`eval_models` adds the stable model (`fomo.stable`) to the evaluation.
+`eval_models` adds the stable model (`fomo.stable`) to the evaluation. Under bf16
+autocast the consistency compares fp32 forwards of both models (one extra forward of the
+working model, counted), as bf16 rounding swamps the difference of near-identical models.
 
 RECONSTRUCTED: there is no official code and the paper's
 Algorithm 1 and appendix were not available, so every unknown is a parameter whose
@@ -145,7 +147,9 @@ class FOMO(Defense):
                "are ROBench's choices (see 'ROBench reconstruction'), each overridable. "
                "Evaluated twice: the working model (the row) and the EMA stable model "
                "('fomo.stable'). Overhead: one forward of the stable model per batch while "
-               "the consistency term is on, one EMA update per step, and a re-draw of the "
+               "the consistency term is on (under bf16 autocast both compared forwards "
+               "run in fp32: the stable model's and a second one of the working model), "
+               "one EMA update per step (foreach operations), and a re-draw of the "
                "eligible kernels at each forgetting event. The published numbers come from "
                "a secondary source and do not say which model (working or stable) they are "
                "for. See docs/defenses/fomo.md."),
@@ -189,6 +193,8 @@ class FOMO(Defense):
         self.consistency_phase = _choice("consistency_phase", consistency_phase, PHASES)
         self.stable: nn.Module | None = None
         self.forget_at: list[int] = []
+        # mixed precision: BatchNorm statistics to restore after the backward
+        self._bn_saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # ---- setup --------------------------------------------------------------------
     def setup(self, state: TrainState) -> None:
@@ -251,11 +257,41 @@ class FOMO(Defense):
             return None
         assert self.stable is not None and state.logits is not None
         self.stable.eval()
-        with torch.no_grad(), state.autocast():
-            target = self.stable(state.x_adv)
-        state.counter.add(fwd=1)
-        return {"consistency": self.lam * consistency_loss(state.logits, target,
-                                                           self.consistency)}
+        if state.autocast_dtype is None:  # fp32: the training forward's logits
+            with torch.no_grad():
+                target = self.stable(state.x_adv)
+            state.counter.add(fwd=1)
+            logits = state.logits
+        else:  # mixed precision: both compared forwards in fp32 (see `_precise_logits`)
+            target, logits = self._precise_logits(state)
+        return {"consistency": self.lam * consistency_loss(logits, target, self.consistency)}
+
+    def _precise_logits(self, state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under bf16 autocast the working and stable models' logits differ by rounding
+        about as much as by the models: the stable model's forward and a second forward of
+        the working model on x_adv (with its graph; the training forward's BatchNorm batch
+        statistics, so the same function) run in fp32, and the consistency compares those.
+        The extra forward is counted; the BatchNorm running statistics it moves are put
+        back after the backward (`after_backward`: restoring them now would invalidate the
+        graphs that saved them)."""
+        assert self.stable is not None and state.x_adv is not None
+        bn_buffers = [b for m in state.model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+        if bn_buffers:
+            self._bn_saved = (bn_buffers, torch._foreach_mul(bn_buffers, 1))  # copies
+        with torch.autocast(device_type=state.device.type, enabled=False):
+            with torch.no_grad():
+                target = self.stable(state.x_adv)
+            logits = state.model(state.x_adv)
+        state.counter.add(fwd=2)
+        return target, logits
+
+    def after_backward(self, state: TrainState) -> None:
+        if self._bn_saved is not None:
+            buffers, saved = self._bn_saved
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
+            self._bn_saved = None
 
     def eval_models(self, state: TrainState) -> dict[str, nn.Module]:
         return {} if self.stable is None else {"stable": self.stable}

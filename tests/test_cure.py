@@ -37,10 +37,12 @@ from bench.models import build_model
 from bench.records import load_checkpoint, read_history
 from defenses._cure_card import PER_ARCHITECTURE
 from defenses._cure_ops import (
+    ConserveLayout,
     block_first_convs,
     clean_epochs,
     conserved_count,
     consistency,
+    flat_logical,
     last_linear_parameters,
     prominence,
     revise_,
@@ -613,3 +615,187 @@ def test_clean_epochs_then_cure_in_one_schedule_with_the_same_optimizer(
                             probe.around["after"], strict=True):
         step = t.momentum * m + g + t.weight_decay * p0
         torch.testing.assert_close(p1, p0 - probe.around["lr"] * step)
+
+
+# --------------------------------------------------------------------------- batched
+
+
+def per_tensor_update_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
+    """The per-tensor selection the batched masks replaced, written out again: the k-th
+    smallest score (`kthvalue`), everything below it, then the first tied entries by flat
+    index until k are conserved."""
+    flat = score.reshape(-1)
+    n = flat.numel()
+    k = min(n, math.floor(percent * n / 100 + 0.5))
+    if k == 0:
+        return torch.ones(score.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros(score.shape, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k).values
+    below = flat < kth
+    ties = flat == kth
+    conserve = below | (ties & (torch.cumsum(ties, 0) <= k - below.sum()))
+    return (~conserve).view(score.shape)
+
+
+def test_batched_masks_equal_the_per_tensor_selection_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        shapes = [(int(torch.randint(1, 5, (1,), generator=gen)), 3, 2, 2), (7,), (1,),
+                  (int(torch.randint(1, 60, (1,), generator=gen)),), (4, 9)]
+        scores = []
+        for i, s in enumerate(shapes):
+            if trial % 2:  # many ties, signed zeros among them
+                t = torch.randint(-2, 3, s, generator=gen).float() * 0.5
+                t = torch.where(torch.rand(s, generator=gen) < 0.2, -0.0 * t.abs(), t)
+            else:
+                t = torch.randn(s, generator=gen)
+            if len(s) == 4 and i % 2 == 0:
+                t = t.contiguous(memory_format=torch.channels_last)
+            scores.append(t)
+        percent = [0.0, 100.0, 37.5, 50.0][trial % 4] if trial < 8 else float(
+            torch.rand((), generator=gen) * 100)
+        layout = ConserveLayout([t.shape for t in scores], percent, CPU)
+        conserved = layout.split(layout.conserved(flat_logical(scores)))
+        for t, got in zip(scores, conserved, strict=True):
+            assert torch.equal(~got, per_tensor_update_mask(t, percent)), (trial, t.shape)
+            assert torch.equal(update_mask(t, percent), per_tensor_update_mask(t, percent))
+
+
+def test_batched_masks_by_hand_with_ties_and_signed_zeros():
+    a = torch.tensor([3.0, 1.0, 1.0, 2.0, 1.0])  # 40%: k = 2, the first two of three 1s
+    b = torch.tensor([0.0, -0.0, -1.0, 0.0])  # 50%: k = 2, -1, then the first zero
+    c = torch.tensor([[5.0, -5.0], [0.5, 0.5]])  # 40% of 4 = 1.6 -> k = 2: -5 and 0.5 (first)
+    layout = ConserveLayout([a.shape, b.shape, c.shape], 40.0, CPU)
+    assert [conserved_count(40.0, n) for n in (5, 4, 4)] == [2, 2, 2]
+    got = layout.split(layout.conserved(flat_logical([a, b, c])))
+    assert got[0].tolist() == [False, True, True, False, False]
+    assert got[1].tolist() == [True, False, True, False]
+    assert got[2].tolist() == [[False, True], [True, False]]
+    with pytest.raises(ValueError, match="cure: 3 scores for a layout of 13"):
+        layout.conserved(torch.zeros(3))
+
+
+def old_revise_(revision, model, decay, gate) -> None:
+    """The per-parameter revision update the foreach form replaced, written out again."""
+    with torch.no_grad():
+        for r, p in zip(revision.parameters(), model.parameters(), strict=True):
+            r.copy_(torch.where(gate, r * decay + p.detach() * (1 - decay), r))
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.5, 0.75, 1 - 1 / 7])
+def test_revision_update_is_the_old_update_bit_for_bit(decay):
+    torch.manual_seed(1)
+    student, revision = bn_net(), bn_net()
+    with torch.no_grad():
+        for q in student.parameters():
+            q.add_(torch.randn_like(q))  # every entry differs from the revision model's
+    for gate in (True, False):
+        new, old = copy.deepcopy(revision), copy.deepcopy(revision)
+        revise_(new, student, decay, torch.tensor(gate))
+        old_revise_(old, student, decay, torch.tensor(gate))
+        for a, b, r in zip(new.parameters(), old.parameters(), revision.parameters()):
+            assert torch.equal(a, b)
+            assert torch.equal(a, r) == (not gate)  # off: untouched
+
+
+class OldCURE(CURE):
+    """CURE with the per-tensor masks and the per-parameter revision update it had before,
+    written out again in the test: the reference for bit-for-bit equality."""
+
+    def after_backward(self, state) -> None:
+        if self.percent == 0 or self._clean(state):
+            return
+        params = [p for p in state.model.parameters() if p.requires_grad]
+        if self.mode == "rgp_soft":
+            ce, kl = state.term_grads["cure.ce_clean"], state.term_grads["cure.kl"]
+            masked = [params[i] for i in self.masked]
+            scores = [self.alpha_c * ce[i].float() + (1 - self.alpha_c) * kl[i].float()
+                      for i in self.masked]
+        elif self.mode == "paper":
+            masked = params
+            scores = [self.alpha_c * gc.float().abs() + (1 - self.alpha_c) * ga.float().abs()
+                      for gc, ga in zip(state.term_grads["cure.ce_clean"],
+                                        state.term_grads["cure.ce_adv"])]
+        else:
+            classifier = {id(p) for p in last_linear_parameters(state.model)}
+            masked = [p for p in params if id(p) not in classifier and p.grad is not None]
+            scores = [p.grad.abs() for p in masked]
+        for p, score in zip(masked, scores, strict=True):
+            if p.grad is not None:
+                p.grad.masked_fill_(~per_tensor_update_mask(score, self.percent), 0.0)
+
+    def after_step(self, state) -> None:
+        import defenses.cure as module
+        original = module.revise_
+        module.revise_ = old_revise_
+        try:
+            super().after_step(state)
+        finally:
+            module.revise_ = original
+
+
+@pytest.mark.parametrize(("mode", "preact"), [("rgp_soft", True), ("paper", False),
+                                              ("rgp", False)])
+def test_engine_results_equal_the_per_tensor_implementation_bit_for_bit(
+        tmp_path, smoke_suite, smoke_splits, mode, preact):
+    suite = preact_suite(smoke_suite) if preact else smoke_suite
+    kwargs = {"mode": mode, "percent": 30.0, "revision_rate": 0.5, "clean_fraction": 0.0}
+    new = train(tmp_path / "new", suite, smoke_splits, method="trades",
+                instances=[CURE(**kwargs)])
+    old = train(tmp_path / "old", suite, smoke_splits, method="trades",
+                instances=[OldCURE(**kwargs)])
+    a, b = load_checkpoint(new.run_dir / "last.pt"), load_checkpoint(old.run_dir / "last.pt")
+    assert_same_state(a["model"], b["model"])
+    assert_equal_nested(a["defenses"], b["defenses"])  # the revision model, the stream
+    assert_equal_nested(a["optimizer"]["state"], b["optimizer"]["state"])
+    def logged(trainer):  # all but the clocks
+        return [{k: v for k, v in row.items() if "seconds" not in k}
+                for row in read_history(trainer.run_dir / "history.jsonl")]
+    assert logged(new) == logged(old)
+    revised = [row["cure.revised"] for row in logged(new)]
+    assert 0 < sum(revised) / len(revised) < 1  # gates on and off both happened
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_consistency_under_bf16_is_computed_in_fp32(tmp_path, smoke_suite, smoke_splits):
+    """bf16 autocast on CPU: the student and a revision model 1e-3 away. The consistency
+    (the value the loss adds) against an fp64 re-computation: within 5% where the bf16
+    forwards (the previous way) are off by more than the value itself; no extra pass."""
+    suite = preact_suite(smoke_suite)
+    trainer = Trainer(RunSpec("smoke", "trades", (), 0), suite, smoke_splits, tmp_path,
+                      device=CPU, progress=False, mixed_precision=True)
+    state = trainer.build()
+    cure = CURE(gamma=1.0, clean_fraction=0.0)
+    cure.bind_random_stream(0, CPU)
+    cure.setup(state)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in cure.revision.parameters():
+            p.add_(1e-3 * p.abs().mean() * torch.randn_like(p))
+    x, y, _ = next(iter(trainer.loader))
+    state.x, state.y = x, y
+    state.x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    student, revision = copy.deepcopy(trainer.model), copy.deepcopy(cure.revision)
+    forwards = state.counter.forward
+    with state.autocast():  # as the engine calls the objective
+        cure.objective_loss(state)
+    value = float(cure.add_losses(state)["consistency"].detach())
+    assert state.counter.forward == forwards + 4
+    assert cure._logits[0].requires_grad
+
+    def kl(target, logits):  # KL(p_target || p_student), batch mean
+        return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), log_target=True,
+                        reduction="batchmean")
+    with torch.no_grad():
+        s64, r64 = copy.deepcopy(student).double().train(), copy.deepcopy(revision).double()
+        xs = (x.double(), state.x_adv.double())
+        truth = float(sum(kl(r64(v), s64(v)) for v in xs))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = float(sum(kl(revision(v).float(), student(v).float())
+                             for v in (x, state.x_adv)))
+    assert truth > 0
+    assert abs(value - truth) < 0.05 * truth
+    assert abs(bf16 - truth) > 20 * abs(value - truth)

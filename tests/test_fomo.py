@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from invariants import (
 )
 from torch import nn
 
-from bench.config import ConfigError, DefenseSpec, RunSpec
+from bench.config import ConfigError, DefenseSpec, ModelConfig, RunSpec
 from bench.engine import Trainer, collect_eval_models
 from bench.models import PreActResNet18, SmallCNN
 from bench.records import load_checkpoint, read_history
@@ -221,6 +222,50 @@ def test_update_probability_zero_keeps_the_initial_model(tmp_path, smoke_suite, 
     assert not torch.equal(fomo.generator.get_state(), start)  # the gate was drawn
 
 
+def old_ema_update_(stable, working, decay, gate=None) -> None:
+    """The per-tensor EMA update the foreach form replaced, written out again."""
+    with torch.no_grad():
+        if gate is None:
+            for s, w in zip(stable.parameters(), working.parameters()):
+                s.mul_(decay).add_(w, alpha=1 - decay)
+            for s, w in zip(stable.buffers(), working.buffers()):
+                s.copy_(w)
+            return
+        keep = torch.where(gate, decay, 1.0)
+        for s, w in zip(stable.parameters(), working.parameters()):
+            s.mul_(keep).add_(w.detach() * (1 - keep))
+        for s, w in zip(stable.buffers(), working.buffers()):
+            s.copy_(torch.where(gate, w, s))
+
+
+@pytest.mark.parametrize("gate", [None, True, False])
+def test_ema_update_is_the_per_tensor_update_bit_for_bit(gate):
+    torch.manual_seed(3)
+    working, stable = PreActResNet18(num_classes=10, width=4), PreActResNet18(
+        num_classes=10, width=4)
+    working.train()(torch.randn(4, 3, 8, 8))  # running statistics and counters move
+    stable = stable.to(memory_format=torch.channels_last)
+    new, old = copy.deepcopy(stable), copy.deepcopy(stable)
+    g = None if gate is None else torch.tensor(gate)
+    for _ in range(3):
+        ema_update_(new, working, 0.999, g)
+        old_ema_update_(old, working, 0.999, g)
+    assert_same_state(new.state_dict(), old.state_dict())
+    assert states_differ(new.state_dict(), stable.state_dict()) == (gate is not False)
+
+
+def test_engine_results_equal_the_per_tensor_update_bit_for_bit(tmp_path, smoke_suite,
+                                                              smoke_splits, monkeypatch):
+    import defenses.fomo as module
+    params = spec(**STRONG, ema_update_prob=0.5)
+    new = train(tmp_path / "new", smoke_suite, smoke_splits, defenses=[params])
+    monkeypatch.setattr(module, "ema_update_", old_ema_update_)
+    old = train(tmp_path / "old", smoke_suite, smoke_splits, defenses=[params])
+    a, b = load_checkpoint(new.run_dir / "last.pt"), load_checkpoint(old.run_dir / "last.pt")
+    assert_same_state(a["model"], b["model"])
+    assert_equal_nested(a["defenses"], b["defenses"])
+
+
 # --------------------------------------------------------------------------- relearning
 
 
@@ -255,6 +300,63 @@ def test_consistency_term_runs_in_the_relearning_phase_only(tmp_path, smoke_suit
     always = FOMO(rho=0.0, consistency_phase="always")
     state.epoch = 0
     assert always.consistency_active(state) is True
+
+
+def bf16_consistency(tmp_path, suite, splits) -> tuple[FOMO, Trainer, TrainState]:
+    """FOMO (relearning phase, lam 1) under bf16 autocast on CPU, a stable model 1e-3 away
+    from the working one, the method's training forward on x_adv done (bf16)."""
+    fomo = FOMO(**STRONG, lam=1.0)
+    trainer = Trainer(RunSpec(suite.name, "at", (), 0), suite, splits, tmp_path,
+                      device=CPU, progress=False, mixed_precision=True)
+    state = trainer.build()
+    fomo.bind_random_stream(0, CPU)
+    fomo.setup(state)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in fomo.stable.parameters():
+            p.add_(1e-3 * p.abs().mean() * torch.randn_like(p))
+    x, y, _ = next(iter(trainer.loader))
+    state.x, state.y, state.epoch = x, y, 1
+    state.x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    trainer.model.train()
+    with state.autocast():
+        state.logits = trainer.model(state.x_adv).float()
+    return fomo, trainer, state
+
+
+def test_consistency_under_bf16_compares_fp32_forwards(tmp_path, smoke_suite, smoke_splits):
+    """The MSE the loss adds against an fp64 re-computation: within 1% where the bf16
+    forwards (the previous way) are off by more than the value itself (a network without
+    BatchNorm, so that the train-mode working model and the eval-mode stable model are
+    near-identical functions). One extra forward, counted."""
+    model = ModelConfig("small_cnn", {**smoke_suite.model.kwargs, "batchnorm": False})
+    fomo, trainer, state = bf16_consistency(tmp_path, replace(smoke_suite, model=model),
+                                            smoke_splits)
+    working, stable = copy.deepcopy(trainer.model), copy.deepcopy(fomo.stable)
+    fwd = state.counter.forward
+    term = fomo.add_losses(state)["consistency"]
+    assert state.counter.forward == fwd + 2 and term.requires_grad
+    with torch.no_grad():
+        w64, s64 = working.double().train(), stable.double().eval()
+        truth = float(((w64(state.x_adv.double()) - s64(state.x_adv.double())) ** 2).mean())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = float(((state.logits - stable(state.x_adv).float()) ** 2).mean())
+    assert truth > 0
+    assert abs(float(term.detach()) - truth) < 0.01 * truth
+    assert abs(bf16 - truth) > truth
+
+
+def test_bf16_consistency_puts_the_batchnorm_statistics_back(tmp_path, smoke_suite,
+                                                            smoke_splits):
+    suite = replace(smoke_suite, model=ModelConfig("preact_resnet18", {"width": 4}))
+    fomo, trainer, state = bf16_consistency(tmp_path, suite, smoke_splits)
+    buffers = copy.deepcopy(dict(trainer.model.named_buffers()))
+    term = fomo.add_losses(state)["consistency"]
+    assert states_differ(dict(trainer.model.named_buffers()), buffers)  # the extra forward
+    (term + state.logits.sum()).backward()  # both graphs intact
+    fomo.after_backward(state)
+    assert_same_state(dict(trainer.model.named_buffers()), buffers)
+    fomo.after_backward(state)  # nothing saved: a no-op
 
 
 # --------------------------------------------------------------------------- schedule
@@ -300,6 +402,31 @@ def test_resume_equals_uninterrupted_including_stable_model_and_stream(
     assert any(k.startswith("stable.") for k in full) and "_extra_state" in full
     rows = read_history(tmp_path / "full" / "history.jsonl")
     assert ["fomo.forgotten" in r for r in rows] == [True, True, False]
+
+
+def test_gpu_code_path_bf16_channels_last_on_cpu(tmp_path, smoke_suite, smoke_splits):
+    """The CUDA configuration (bf16 autocast, channels_last) through the engine, on a
+    network with BatchNorm: the relearning epoch trains (finite losses), counts two extra
+    forwards per batch (the stable model's and the working model's fp32 forward), and the
+    fp32 working-model forward leaves BatchNorm's counter as the training forwards set it."""
+    suite = replace(smoke_suite, model=ModelConfig("preact_resnet18", {"width": 4}))
+    runs = {}
+    for name, defenses in (("plain", ()), ("fomo", (spec(**STRONG),))):
+        trainer = Trainer(RunSpec(suite.name, "at", defenses, 0), suite, smoke_splits,
+                          tmp_path / name, device=CPU, progress=False, mixed_precision=True,
+                          channels_last=True)
+        trainer.train()
+        runs[name] = trainer
+    rows = read_history(tmp_path / "fomo" / "history.jsonl")
+    plain_rows = read_history(tmp_path / "plain" / "history.jsonl")
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert math.isfinite(rows[1]["loss.fomo.consistency"])
+    batches = len(runs["fomo"].loader)
+    assert rows[1]["forward_passes"] - plain_rows[1]["forward_passes"] == 2 * batches
+    counters = [(n, b) for n, b in runs["fomo"].model.named_buffers()
+                if n.endswith("num_batches_tracked")]
+    plain_counters = dict(runs["plain"].model.named_buffers())
+    assert counters and all(torch.equal(b, plain_counters[n]) for n, b in counters)
 
 
 def test_trains_with_at_and_refuses_other_methods(tmp_path, smoke_suite, smoke_splits):
