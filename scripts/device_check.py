@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     steps = args.steps or (5 if args.tiny else 40)
     warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 6)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
     report: dict = {
         "device": str(device),
@@ -339,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case[0]} {row['mode']}: {row['seconds_per_epoch']:.2f} s/epoch "
                   f"(warm-up {row['warmup_seconds']:.1f} s)", flush=True)
             save()
+    # the evaluator's fp32 is strict fp32 (no TF32); training keeps torch's defaults
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     test = splits.test
     n = min(AGREEMENT_IMAGES, len(test.y))
     x = test.x[:n].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
