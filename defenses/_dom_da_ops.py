@@ -13,7 +13,7 @@ Two ways to draw:
   `autocontrast` uses `torch.where` instead of boolean-mask assignment.
 - `per_image`: every image draws its own operations, magnitudes, signs (and AugMix chain
   depths), from the same distributions as a torchvision call on that image alone, as
-  (N,) tensors on the images' device (its default generator; no host round trip). Each
+  (N,) tensors on the images' device, from a given generator (no host round trip). Each
   layer computes every kind of operation on the batch and gathers each image's own.
   The draws come in another order than a loop of torchvision calls, so the images differ
   from such a loop; the distribution is the same (tested).
@@ -379,32 +379,37 @@ class BatchedAugment:
             table.lookups[key] = torch.tensor(codes, dtype=torch.long, device=device)
         return table.lookups[key]
 
-    def _codes(self, lookup: Tensor, n: int, device: torch.device) -> Tensor:
+    def _codes(self, lookup: Tensor, n: int, device: torch.device,
+               generator: torch.Generator | None) -> Tensor:
         """(N,) codes: an operation, a magnitude level and a sign, each uniform (the sign
         is ignored by unsigned operations, as torchvision never draws it for them)."""
-        op = torch.randint(len(self.ops), (n,), device=device)
-        level = torch.randint(self.levels, (n,), device=device)
-        sign = torch.randint(2, (n,), device=device)
+        op = torch.randint(len(self.ops), (n,), device=device, generator=generator)
+        level = torch.randint(self.levels, (n,), device=device, generator=generator)
+        sign = torch.randint(2, (n,), device=device, generator=generator)
         return lookup[op, level, sign]
 
-    def per_image(self, img: Tensor) -> Tensor:
-        """Every image its own draw, as torchvision called on each image alone."""
+    def per_image(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Every image its own draw, as torchvision called on each image alone; drawn on
+        the images' device from `generator` (default: the device's default generator)."""
         table, (h, w) = self.table(img), img.shape[-2:]
         n, device = img.shape[0], img.device
         lookup = self._lookup(table, h, w, device)
         if self.transform == "randaugment":
             for _ in range(2):
-                img = apply_codes(img, table, self._codes(lookup, n, device), self.mode)
+                img = apply_codes(img, table, self._codes(lookup, n, device, generator),
+                                  self.mode)
             return img
-        m = torch._sample_dirichlet(torch.full((n, 2), 1.0, device=device))
-        weights = torch._sample_dirichlet(torch.full((n, 3), 1.0, device=device)) * m[:, 1:]
+        m = torch._sample_dirichlet(torch.ones(n, 2, device=device), generator=generator)
+        weights = torch._sample_dirichlet(torch.ones(n, 3, device=device),
+                                          generator=generator) * m[:, 1:]
         mix = m[:, 0].view(n, 1, 1, 1) * img
         identity = table.index[("Identity", 0.0)]
         for i in range(3):
-            depth = torch.randint(1, 4, (n,), device=device)
+            depth = torch.randint(1, 4, (n,), device=device, generator=generator)
             aug = img
             for layer in range(3):  # layers past an image's depth are the identity
-                codes = torch.where(depth > layer, self._codes(lookup, n, device), identity)
-                aug = apply_codes(aug, table, codes, self.mode)
+                codes = self._codes(lookup, n, device, generator)
+                aug = apply_codes(aug, table, torch.where(depth > layer, codes, identity),
+                                  self.mode)
             mix.add_(weights[:, i].view(n, 1, 1, 1) * aug)
         return mix.to(img.dtype)

@@ -152,7 +152,7 @@ class DomDA(_DOM):
         batch (operations shared, as in the reference; the default; the same output bit
         for bit), or one draw per image (batched)."""
         if self.per_image:
-            return self.transform.per_image(images)
+            return self.transform.per_image(images, self.generator)
         return self.transform.shared(images)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,5 +213,10 @@ class DomDA(_DOM):
             raise RuntimeError("dom_da: no random stream; call bind_random_stream first")
         flagged = self.batch_natural_loss(state) <= self.tau
         state.log("dom_da.flagged", flagged.float().mean())
+        if self.per_image:  # drawn on the device from the defense's own stream
+            state.x = self.distract(state, flagged)
+            return
+        # torchvision's draws come from the global generators: seeded from the stream
+        # (a host read of one number from it: one sync per step on CUDA)
         with seeded_global_rng(self.generator, state.x.device):
             state.x = self.distract(state, flagged)

@@ -171,7 +171,7 @@ def test_per_image_augmix_draws_torchvision_s_distributions():
     lookup = batched._lookup(table, 16, 16, CPU)
     n = 30000
     torch.manual_seed(0)
-    names = [table.names[c] for c in batched._codes(lookup, n, CPU).tolist()]
+    names = [table.names[c] for c in batched._codes(lookup, n, CPU, None).tolist()]
     ops = Counter(op for op, _ in names)
     assert set(ops) == set(AUGMIX_OPS)
     stat = sum((ops[op] - n / 13) ** 2 / (n / 13) for op in AUGMIX_OPS)
