@@ -107,11 +107,14 @@ class DomDA(_DOM):
         extra_data="none",
         notes=("beta and rounds default to the published values for the base method and "
                "the chosen transform. As the reference, each round transforms the sub-batch "
-               "still flagged with one torchvision call (one draw of operations shared by "
-               "it); per_image = true draws per image instead. The reference's tau is the "
-               "same --clamp as DOM-RE's. Overhead after the warm-up: one extra forward per "
-               "batch plus one forward of the still-flagged images in each round but the "
-               "last, and the transforms. See docs/defenses/dom_da.md."),
+               "still flagged with torchvision's transform (one draw of operations shared by "
+               "it), run batched and without host syncs (the same output bit for bit); "
+               "per_image = true draws per image instead (batched, on the device), "
+               "static_shapes = true keeps the batch's shape (forwards the whole batch: "
+               "other losses and BatchNorm statistics than the reference). The reference's "
+               "tau is the same --clamp as DOM-RE's. Overhead after the warm-up: one extra "
+               "forward per batch plus one forward of the still-flagged images in each round "
+               "but the last, and the transforms. See docs/defenses/dom_da.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "aug": "randaugment",
               "beta": None, "rounds": None, "per_image": False, "update_bn": True,
