@@ -1,5 +1,9 @@
-"""torchvision's RandAugment and AugMix (default settings) on uint8 N x C x H x W batches,
-batched and without host synchronisation, for DOM-DA (see docs/defenses/dom_da.md).
+"""RandAugment (Cubuk, Zoph, Shlens & Le, "RandAugment: Practical automated data
+augmentation with a reduced search space", CVPR workshops 2020) and AugMix (Hendrycks, Mu,
+Cubuk, Zoph, Gilmer & Lakshminarayanan, "AugMix: A Simple Data Processing Method to Improve
+Robustness and Uncertainty", ICLR 2020) as torchvision's `RandAugment()` / `AugMix()`
+(default settings) apply them to uint8 N x C x H x W tensors, batched and without host
+synchronisation: DOM-DA's transforms (see docs/defenses/dom_da.md).
 
 Two ways to draw:
 - `shared` (DOM-DA's default, as the DOM reference): one draw of operations and
