@@ -31,17 +31,17 @@ Engine-specific choices:
 - `dom_da` skips the forward of the last round: every image still flagged then takes
   aug(x) whatever its loss (the reference computes that loss; only its BatchNorm
   statistics would differ).
-- Randomness: `per_image = false` (default) calls the torchvision transform once per
-  round on the sub-batch still flagged, as the reference does (one draw of operations
-  and magnitudes shared by the sub-batch; AugMix still draws per-image mixing weights);
-  `true` calls it once per flagged image, so each image draws its own operations (a
-  Python loop over images: slow on a GPU).
-  The only random draws are torchvision's, which use torch's global CPU generator
-  (operation indices, magnitudes, signs, AugMix depths) and, for AugMix's Dirichlet
-  mixing weights, the default generator of the images' device. Both are seeded from a
-  number drawn from the defense's own stream (`self.generator`) before the transforms
-  run and restored afterwards, so the augmentations are reproducible (and resumable),
-  and adding the defense never shifts any other randomness of the run.
+- Randomness: `per_image = false` (default) transforms the sub-batch still flagged once
+  per round, as the reference (one draw of operations and magnitudes shared by the
+  sub-batch; AugMix still draws per-image mixing weights), with torchvision's draws from
+  torch's global CPU generator (operation indices, magnitudes, signs, AugMix depths) and,
+  for AugMix's Dirichlet mixing weights, the default generator of the images' device.
+  Both are seeded from a number drawn from the defense's own stream (`self.generator`)
+  before the transforms run and restored afterwards, so the augmentations are
+  reproducible (and resumable), and adding the defense never shifts any other
+  randomness of the run. `true` draws per image, on the device, from `self.generator`
+  directly. The transforms are torchvision's, batched and without host syncs
+  (`defenses/_dom_da_ops.py`; the default's output equals torchvision's bit for bit).
 - The warm-up is checked at the start of each batch with the engine's fractional epoch
   (the reference counts the batch as finished, one batch earlier).
 - Thresholds: the paper's Table 1 gives one loss threshold per method and dataset,

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchvision import transforms as T
 from torchvision.transforms.functional import convert_image_dtype
 
 from bench.config import ConfigError
 from bench.state import TrainState, seeded_global_rng
+from defenses._dom_da_ops import BatchedAugment
 from defenses.base import DefenseCard, register_defense
 from defenses.card import BEST_NOT_STATED, FULL_TRAIN, row
 from defenses.dom import (
@@ -43,9 +43,17 @@ def _rounds(defense: str, value: Any) -> int | None:
 
 
 
-def build_transform(aug: str) -> torch.nn.Module:
-    """torchvision's AugMix or RandAugment with their default settings (as the reference)."""
-    return T.AugMix() if aug == "augmix" else T.RandAugment()
+def build_transform(aug: str) -> BatchedAugment:
+    """torchvision's AugMix() or RandAugment() with their default settings (as the
+    reference), batched and without host syncs (defenses/_dom_da_ops.py)."""
+    return BatchedAugment(aug)
+
+
+def _like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x in the memory format of `like`."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 # --------------------------------------------------------------------------- DOM_DA
@@ -99,27 +107,33 @@ class DomDA(_DOM):
         extra_data="none",
         notes=("beta and rounds default to the published values for the base method and "
                "the chosen transform. As the reference, each round transforms the sub-batch "
-               "still flagged with one torchvision call (one draw of operations shared by "
-               "it); per_image = true draws per image instead. The reference's tau is the "
-               "same --clamp as DOM-RE's. Overhead after the warm-up: one extra forward per "
-               "batch plus one forward of the still-flagged images in each round but the "
-               "last, and the transforms. See docs/defenses/dom_da.md."),
+               "still flagged with torchvision's transform (one draw of operations shared by "
+               "it), run batched and without host syncs (the same output bit for bit); "
+               "per_image = true draws per image instead (batched, on the device), "
+               "static_shapes = true keeps the batch's shape (forwards the whole batch: "
+               "other losses and BatchNorm statistics than the reference). The reference's "
+               "tau is the same --clamp as DOM-RE's. Overhead after the warm-up: one extra "
+               "forward per batch plus one forward of the still-flagged images in each round "
+               "but the last, and the transforms. See docs/defenses/dom_da.md."),
     )
     params = {"tau": PUBLISHED_TAU["at"], "warmup": 0.5, "aug": "randaugment",
-              "beta": None, "rounds": None, "per_image": False, "update_bn": True}
+              "beta": None, "rounds": None, "per_image": False, "update_bn": True,
+              "static_shapes": False}
     slots = ("augmentation",)
 
     def __init__(self, tau: float, warmup: float, aug: str = "randaugment",
                  beta: float | None = None, rounds: int | None = None,
-                 per_image: bool = False, update_bn: bool = True) -> None:
+                 per_image: bool = False, update_bn: bool = True,
+                 static_shapes: bool = False) -> None:
         super().__init__(tau=tau, warmup=warmup, update_bn=update_bn, aug=aug, beta=beta,
-                         rounds=rounds, per_image=per_image)
+                         rounds=rounds, per_image=per_image, static_shapes=static_shapes)
         if aug not in AUGMENTATIONS:
             raise ConfigError(f"dom_da: aug must be one of {list(AUGMENTATIONS)}, got {aug!r}")
         self.aug = aug
         self.beta = None if beta is None else _number("dom_da", "beta", beta, 0.0, 1.0)
         self.rounds = _rounds("dom_da", rounds)
         self.per_image = _flag("dom_da", "per_image", per_image)
+        self.static_shapes = _flag("dom_da", "static_shapes", static_shapes)
         self.transform = build_transform(aug)
 
     def setup(self, state: TrainState) -> None:
@@ -137,11 +151,12 @@ class DomDA(_DOM):
 
     # ---- augmentation ------------------------------------------------------
     def augment_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """The torchvision transform on a uint8 N x C x H x W batch: one call for the whole
-        batch (operations shared, as in the reference; the default), or per image."""
+        """The transform on a uint8 N x C x H x W batch: torchvision's call on the whole
+        batch (operations shared, as in the reference; the default; the same output bit
+        for bit), or one draw per image (batched)."""
         if self.per_image:
-            return torch.stack([self.transform(image) for image in images])
-        return self.transform(images)
+            return self.transform.per_image(images, self.generator)
+        return self.transform.shared(images)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """aug(x) for float images in [0, 1], round-tripped through uint8 as torchvision's
@@ -150,8 +165,13 @@ class DomDA(_DOM):
         return convert_image_dtype(self.augment_uint8(images), x.dtype)
 
     def distract(self, state: TrainState, flagged: torch.Tensor) -> torch.Tensor:
-        """The batch with the flagged images augmented round by round."""
+        """The batch with the flagged images augmented round by round. As the reference,
+        each round transforms and forwards only the sub-batch still flagged (its size
+        changes every round and step: one host sync per round for it); with
+        `static_shapes`, `distract_static`."""
         assert self.beta is not None and self.rounds is not None, "setup() not called"
+        if self.static_shapes:
+            return self.distract_static(state, flagged)
         x, y = state.x.clone(), state.y
         idx = flagged.nonzero().squeeze(1)
         for n in range(1, self.rounds + 1):
@@ -168,6 +188,27 @@ class DomDA(_DOM):
             idx = idx[~leave]
         return x
 
+    def distract_static(self, state: TrainState, flagged: torch.Tensor) -> torch.Tensor:
+        """`distract` with the batch's shape throughout and no host sync: every round
+        transforms the whole batch, forwards aug(x) of the whole batch, and updates only
+        the images still flagged (torch.where); all rounds run. The images each flagged
+        image gets equal `distract`'s where the model's losses do not depend on the
+        batch's composition (no train-mode BatchNorm) and the draw is shared by the batch
+        (RandAugment); otherwise the losses, BatchNorm statistics and AugMix's mixing
+        weights (drawn for the whole batch) differ: docs/defenses/dom_da.md."""
+        x, y = state.x.clone(), state.y
+        still = flagged[:, None, None, None]
+        for n in range(1, self.rounds + 1):
+            aug = self.augment(x)
+            if n == self.rounds:
+                x = torch.where(still, aug, x)
+                break
+            leave = (natural_loss(state, aug, y, self.update_bn) >= self.tau)[:, None, None, None]
+            blend = (1 - self.beta) * x + self.beta * aug
+            x = torch.where(still, torch.where(leave, aug, blend), x)
+            still = still & ~leave
+        return _like(x, state.x)
+
     def before_attack(self, state: TrainState) -> None:
         if not self.active(state):
             return
@@ -175,5 +216,10 @@ class DomDA(_DOM):
             raise RuntimeError("dom_da: no random stream; call bind_random_stream first")
         flagged = self.batch_natural_loss(state) <= self.tau
         state.log("dom_da.flagged", flagged.float().mean())
+        if self.per_image:  # drawn on the device from the defense's own stream
+            state.x = self.distract(state, flagged)
+            return
+        # torchvision's draws come from the global generators: seeded from the stream
+        # (a host read of one number from it: one sync per step on CUDA)
         with seeded_global_rng(self.generator, state.x.device):
             state.x = self.distract(state, flagged)

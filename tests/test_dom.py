@@ -169,10 +169,12 @@ def test_da_augments_exactly_the_flagged_examples(tmp_path, smoke_suite, smoke_s
     assert torch.equal(levels, levels.round())
 
 
-def test_da_randomness_comes_only_from_its_own_stream(tmp_path, smoke_suite, smoke_splits):
+@pytest.mark.parametrize("per_image", [False, True])
+def test_da_randomness_comes_only_from_its_own_stream(tmp_path, smoke_suite, smoke_splits,
+                                                      per_image):
     trainer, state = built_trainer(tmp_path, smoke_suite, smoke_splits)
     x, y = state.x, state.y
-    da = DomDA(tau=100.0, warmup=0.0, aug="augmix", beta=0.5, rounds=2)
+    da = DomDA(tau=100.0, warmup=0.0, aug="augmix", beta=0.5, rounds=2, per_image=per_image)
     da.bind_random_stream(0, CPU)
     start = da.generator.get_state()
     outputs = []
@@ -311,6 +313,7 @@ def test_re_at_tau_zero_without_bn_updates_only_observes(tmp_path, smoke_suite, 
     spec("dom_re", warmup=0.0, tau=2.3),
     spec("dom_da", warmup=0.0, tau=2.3),
     spec("dom_da", warmup=0.0, tau=2.3, aug="augmix", per_image=False),
+    spec("dom_da", warmup=0.0, tau=2.3, aug="augmix", per_image=True, static_shapes=True),
 ])
 def test_resume_equals_uninterrupted(tmp_path, smoke_suite, smoke_splits, defense):
     check_resume_equals_uninterrupted(tmp_path, with_train(smoke_suite, epochs=3),
