@@ -18,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 import bench.methods
 from bench.cli import build_parser
 from bench.compiled import compile_mode
-from bench.config import ConfigError, RunSpec
+from bench.config import ConfigError, DefenseSpec, RunSpec
 from bench.engine import Trainer
 from bench.records import load_checkpoint, read_history
 
@@ -35,9 +35,9 @@ def _fresh_dynamo():
 
 
 def _train(tmp, suite, splits, method, compile=False, backend="aot_eager",
-           mixed_precision=None) -> Trainer:
+           mixed_precision=None, defenses=()) -> Trainer:
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer = Trainer(RunSpec(suite.name, method, (), 0), suite, splits, tmp, device=CPU,
+    trainer = Trainer(RunSpec(suite.name, method, defenses, 0), suite, splits, tmp, device=CPU,
                       progress=False, compile=compile, compile_backend=backend,
                       mixed_precision=mixed_precision)
     trainer.train(stop_after_epochs=1)
@@ -57,20 +57,23 @@ def _assert_same_training(eager_dir, compiled_dir, atol: float) -> None:
     assert eager["train_settings"]["compile"] is None
 
 
-@pytest.mark.parametrize(("method", "batch", "bf16"), [
-    ("at", 48, False),  # 256 images: five batches of 48 and a last one of 16 (a recompile)
-    ("trades", 64, False),
-    ("fgsm_rs", 64, True),
+@pytest.mark.parametrize(("method", "batch", "bf16", "defenses"), [
+    ("at", 48, False, ()),  # 256 images: five batches of 48 and a last one of 16 (recompiles)
+    ("trades", 64, False, ()),
+    ("fgsm_rs", 64, True, ()),
+    # AWP: the method's loss (compiled) ascended in weight space, weights shifted in place
+    ("at", 64, False, (DefenseSpec("awp"),)),
 ])
 def test_compiled_training_equals_eager(tmp_path, smoke_suite, smoke_splits, method, batch,
-                                        bf16):
+                                        bf16, defenses):
     """One epoch through the engine: the same weights (aot_eager runs the same aten ops as
     eager; a tolerance of 1e-6 leaves room for decompositions), passes, loss; the
     checkpoint holds the plain module's keys (no `_orig_mod.`) and records the mode."""
     suite = with_train(smoke_suite, batch_size=batch)
-    eager = _train(tmp_path / "eager", suite, smoke_splits, method, mixed_precision=bf16)
+    eager = _train(tmp_path / "eager", suite, smoke_splits, method, mixed_precision=bf16,
+                   defenses=defenses)
     compiled = _train(tmp_path / "compiled", suite, smoke_splits, method, compile=True,
-                      mixed_precision=bf16)
+                      mixed_precision=bf16, defenses=defenses)
     _assert_same_training(eager.run_dir, compiled.run_dir, atol=1e-6)
     ckpt = load_checkpoint(compiled.run_dir / "last.pt")
     assert ckpt["train_settings"]["compile"] == "default"
