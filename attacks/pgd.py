@@ -16,6 +16,11 @@ Conventions shared by every function here:
 - the loss is *summed* over the batch, so low-precision autocast cannot flush
   per-sample gradients to zero (the sign of the gradient is the same as for
   the mean);
+- with ``autocast_dtype``, the forward passes of one attack share one autocast context,
+  so each weight is cast to low precision once per attack (autocast's cast cache), not
+  once per iteration; the loss and the backward run with autocast off. Callers must not
+  change the weights while an autocast context of theirs is open (the cache would serve
+  the old casts);
 - the model's train/eval mode is left as the caller set it;
 - randomness comes only from ``generator`` (the global RNG when it is None);
 - ``counter``, when given, gets ``counter["fwd"] += 1`` per forward pass over a
@@ -83,6 +88,15 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.Abstract
     return torch.autocast(device_type=x.device.type, dtype=dtype)
 
 
+def _fp32(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast off inside an enclosing :func:`_autocast` (a no-op without one). Nested,
+    it leaves the enclosing context's weight-cast cache alive: the cache is emptied only
+    when the outermost autocast context exits."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _count(counter: dict | None, key: str) -> None:
     if counter is not None:
         counter[key] = counter.get(key, 0) + 1
@@ -106,15 +120,23 @@ def _ascend(
     autocast_dtype: torch.dtype | None,
     counter: dict | None,
 ) -> torch.Tensor:
-    """``steps`` signed-gradient ascent steps on ``loss_fn(model(x_adv))``, clamped to [lo, hi]."""
+    """``steps`` signed-gradient ascent steps on ``loss_fn(model(x_adv))``, clamped to [lo, hi].
+
+    One autocast context spans all the steps, so its cache keeps the low-precision copy
+    of each weight (autocast caches casts of leaf tensors that require grad) and every
+    forward after the first reuses it instead of casting the weights again. The weights
+    do not change during the attack, so the cached casts are exact; the cache is emptied
+    when the context exits, before the caller can step an optimizer. The loss and the
+    backward run with autocast off, as they would outside the context.
+    """
     x_adv = x_adv.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), _autocast(x_adv, autocast_dtype):
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            with _autocast(x_adv, autocast_dtype):
-                logits = model(x_adv)
+            logits = model(x_adv)
             _count(counter, "fwd")
-            (grad,) = torch.autograd.grad(loss_fn(logits), x_adv)
+            with _fp32(x_adv, autocast_dtype):
+                (grad,) = torch.autograd.grad(loss_fn(logits), x_adv)
             _count(counter, "bwd")
             # The graph is freed, so updating the storage in place is safe.
             x_adv = x_adv.detach()

@@ -1,6 +1,7 @@
 """The `robench` command line.
 
     robench run --suite SUITE --method METHOD [--defense NAME[:k=v,...]]... [--seed N]
+                [--compile [MODE]]
     robench board --suite SUITE [--defenses ...] [--workers N | --ray [ADDRESS]]
     robench cost --suite SUITE [--defenses ...] [--rounds R] [--steps N]
     robench evaluate RUN_DIR
@@ -23,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.compiled import add_compile_argument
 from bench.config import (
     METHODS,
     ConfigError,
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--defense", action="append", default=[], metavar="NAME[:k=v,...]",
                      help="a defense (repeatable): registered name or path/to/file.py:Class")
     run.add_argument("--seed", type=int, default=None, help="seed (default: the suite's first)")
+    add_compile_argument(run)
     _add_common(run)
 
     from bench.full_run import add_arguments as add_board_arguments
@@ -152,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(suite=suite.name, method=args.method, defenses=defenses, seed=seed)
     result = run_one(spec, Path(args.results), data_root=args.data_root, device=args.device,
                      progress=not args.quiet, suite=suite, threads=args.threads,
-                     debug=args.debug)
+                     debug=args.debug, compile=args.compile)
     record = json.loads(result.record_path.read_text())
     m = record["metrics"]["model"]
     aa = m["last"].get("autoattack")

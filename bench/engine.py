@@ -62,6 +62,14 @@ The engine owns the threat model, optimizer, schedule (learning rate and, with
 mixed precision (bf16 autocast on CUDA, fp32 on CPU; channels_last on both; cuDNN
 autotuning on CUDA),
 checkpoints and resume. It never names a defense.
+
+`compile` (`--compile [MODE]`, off by default; bench/compiled.py): the base method's
+forwards (its attack, with every parameter frozen so that the attack's graph computes input
+gradients only, and its training loss) run through `torch.compile` of the model, with
+static shapes. `state.model` stays the plain module: hooks, checkpoints (plain state_dict
+keys), the curves' eager copy and the evaluator never see the compiled wrapper. Recorded in
+the checkpoint's `train_settings`; not part of the protocol (results equal eager within
+float tolerance).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +85,7 @@ import torch
 from torch import nn
 
 from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model
+from bench.compiled import CUDAGRAPH_MODES, compile_mode, compile_model
 from bench.config import RunSpec, Suite
 from bench.curves import curve_point, derive_seed, make_generator, pick_device, to_float
 from bench.data import DeviceLoader, Splits, augment_batch
@@ -180,12 +190,15 @@ class Trainer:
     def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
                  device: torch.device | None = None, progress: bool = True,
                  mixed_precision: bool | None = None, channels_last: bool | None = None,
-                 clean_models_dir: Path | None = None) -> None:
+                 clean_models_dir: Path | None = None, compile: bool | str | None = False,
+                 compile_backend: str | Callable = "inductor") -> None:
         """`mixed_precision` (bf16 autocast) defaults to on for CUDA and off for
         CPU (tests turn it on to exercise the GPU code path); `channels_last`
         defaults to on everywhere (faster convolutions on CUDA and with oneDNN on CPU).
         `clean_models_dir` is the clean-model cache, by default `_clean_models` in the
-        run folder's parent (results/<suite>/_clean_models)."""
+        run folder's parent (results/<suite>/_clean_models). `compile`: False (eager), True
+        (torch.compile's default mode) or a mode name (bench/compiled.py: COMPILE_MODES);
+        `compile_backend` is for tests ("aot_eager" compiles in a fraction of the time)."""
         self.spec, self.suite, self.splits = spec, suite, splits
         self.run_dir = Path(run_dir)
         self.clean_models_dir = Path(clean_models_dir or self.run_dir.parent / CLEAN_MODELS_DIR)
@@ -198,6 +211,8 @@ class Trainer:
         use_bf16 = cuda if mixed_precision is None else mixed_precision
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.channels_last = True if channels_last is None else channels_last
+        self.compile_mode = compile_mode(compile, "Trainer(compile=...)")
+        self.compile_backend = compile_backend
         self.suite_hash = suite.run_hash(spec.defense_names)
         self.guard = HookGuard(self.run_dir, f"{spec.row_name} seed {spec.seed}")
 
@@ -232,8 +247,13 @@ class Trainer:
         self.train_curve = (to_float(self.splits.train_curve.x.to(self.device), False),
                             self.splits.train_curve.y.to(self.device))
         self.method = build_method(self.spec.method, self.attack_gen)
+        # the base method's forwards with --compile: a wrapper of the same module (same
+        # parameters); state.model stays the plain module for everything else
+        self.compiled_model = (compile_model(self.model, self.compile_mode, self.compile_backend)
+                               if self.compile_mode else None)
         state = TrainState(
             suite=self.suite, spec=self.spec, device=self.device, model=self.model,
+            compiled_model=self.compiled_model,
             optimizer=self.optimizer, epochs=t.epochs, batches_per_epoch=len(self.loader),
             autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
             data_info=self.splits.info)
@@ -298,7 +318,8 @@ class Trainer:
         spec = RunSpec(suite.name, "standard", (), self.spec.seed)
         trainer = Trainer(spec, suite, self.splits, folder, device=self.device,
                           progress=self.progress, mixed_precision=self.autocast_dtype is not None,
-                          channels_last=self.channels_last)
+                          channels_last=self.channels_last, compile=self.compile_mode or False,
+                          compile_backend=self.compile_backend)
         trainer.label = f"clean model (standard) seed {self.spec.seed}"
         trainer.train()
 
@@ -341,7 +362,7 @@ class Trainer:
             "cards": {d.name: d.card.to_dict() for d in self.defenses},
             "defense_params": {d.name: dict(d.hparams) for d in self.defenses},
             "train_settings": {"precision": self.precision, "channels_last": self.channels_last,
-                               "device": self.device.type},
+                               "device": self.device.type, "compile": self.compile_mode},
             "optimizer": self.optimizer.state_dict(), "rng": rng, "best": best,
             "history": history, "seconds": seconds,
             "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
@@ -505,6 +526,8 @@ class Trainer:
                    index: torch.Tensor) -> torch.Tensor:
         """One training iteration on a batch: attack, hooks, update. Returns the loss."""
         model, optimizer = self.model, self.optimizer
+        if self.compile_mode in CUDAGRAPH_MODES:  # a new step: CUDA graphs may reuse memory
+            torch.compiler.cudagraph_mark_step_begin()
         fractional = state.epoch + state.step_in_epoch / state.batches_per_epoch
         state.lr = learning_rate(self.suite, fractional)
         state.eps = current_eps(self.suite, fractional)

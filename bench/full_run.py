@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.compiled import add_compile_argument
 from bench.config import load_suite
 from bench.progress import JobProgress
 from bench.runner import Launch, plan_with_params_in_child
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each with one thread, on the CPU; 1 on a GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (default: the cores divided by --workers)")
+    add_compile_argument(parser)
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                         help="run each run as a Ray task: on the cluster at ADDRESS, or "
                         "(no ADDRESS) the one RAY_ADDRESS names or a local one")
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace, prog: str = "robench board") -> int:
         return 2
     results = Path(args.results).resolve()
     planning = Launch(results, args.data_root, args.device, not args.quiet, args.threads,
-                      args.debug)
+                      args.debug, compile=args.compile)
     try:
         suite = load_suite(args.suite)
         specs, expected_params = plan_with_params_in_child(
@@ -93,7 +95,7 @@ def main(args: argparse.Namespace, prog: str = "robench board") -> int:
             workers = args.workers or default_workers(args.device)
             launch = Launch(results, args.data_root, args.device, not args.quiet,
                             threads_per_run(workers, args.threads, args.device), args.debug,
-                            expected_params=expected_params)
+                            expected_params=expected_params, compile=args.compile)
             progress = JobProgress(specs, workers, JobProgress.choose_mode(args.quiet))
             outcomes = run_plan(specs, suite, launch, workers, progress)
     except KeyboardInterrupt:

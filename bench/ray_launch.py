@@ -37,7 +37,8 @@ def run_task(spec_raw: dict, suite_raw: dict, launch_raw: dict) -> dict:
     spec, suite = RunSpec.from_dict(spec_raw), Suite.from_dict(suite_raw)
     launch = Launch(Path(launch_raw["results"]), launch_raw["data_root"],
                     launch_raw["device"], False, launch_raw["threads"], launch_raw["debug"],
-                    expected_params=launch_raw.get("expected_params"))
+                    expected_params=launch_raw.get("expected_params"),
+                    compile=launch_raw.get("compile"))
     start = time.perf_counter()
     try:
         result = run_one(spec, suite=suite, launch=launch, wait=True)
@@ -76,7 +77,7 @@ def run_plan_on_ray(specs: list[RunSpec], suite: Suite, launch: Launch, address:
                    "data_root": (str(Path(launch.data_root).resolve())
                                  if launch.data_root else None),
                    "device": launch.device, "threads": launch.threads or threads,
-                   "debug": launch.debug}
+                   "debug": launch.debug, "compile": launch.compile}
         progress.workers = max(1, int(ray.cluster_resources().get("CPU", 1)
                                       // max(resources["num_cpus"], 1e-9)))
         progress.begin()

@@ -128,6 +128,9 @@ class Launch:
     # run_id -> {defense: effective parameters} from the plan: a finished run whose record
     # was made with other parameters (e.g. under an older ROBench's defaults) is not reused
     expected_params: dict[str, dict] | None = None
+    # `--compile`: the torch.compile mode of the training processes (None: eager); not part
+    # of the protocol, so a record made with another setting is reused
+    compile: str | None = None
 
 
 def child_environment(threads: int | None = None) -> dict[str, str]:
@@ -210,7 +213,8 @@ def run_child(args: list[str], payload: dict, what: str, launch: Launch,
 def train_in_child(spec: RunSpec, suite: Suite, launch: Launch) -> None:
     payload = {"spec": spec.to_dict(), "suite": suite.to_dict(),
                "results": str(launch.results), "data_root": launch.data_root,
-               "device": launch.device, "threads": launch.threads, "progress": launch.progress}
+               "device": launch.device, "threads": launch.threads, "progress": launch.progress,
+               "compile": launch.compile}
     run_child(["bench.worker", "train"], payload, f"training {spec.row_name} seed {spec.seed}",
               launch)
 
@@ -227,15 +231,17 @@ def evaluate_in_child(run_dir: Path, suite: Suite, spec: RunSpec, launch: Launch
 def run_one(spec: RunSpec, results: Path = DEFAULT_RESULTS, data_root: str | None = None,
             device: str | None = None, progress: bool = True, suite: Suite | None = None,
             threads: int | None = None, debug: bool = False, wait: bool = True,
-            launch: Launch | None = None) -> RunResult:
+            launch: Launch | None = None, compile: str | None = None) -> RunResult:
     """Train (or resume) and evaluate one run, each in its own process; returns where its
     record is. The record is checked against the suite and the checkpoint files. The run
     folder's lock is held throughout; when another live process holds it, `wait` waits
     for it (then reuses what it made), otherwise RunBusyError is raised at once.
-    `launch`, when given, replaces the keyword arguments after `suite`."""
+    `launch`, when given, replaces the keyword arguments after `suite`; `compile`: the
+    torch.compile mode of the training (bench/compiled.py), None for eager."""
     suite = suite or load_suite(spec.suite)
     check_method(spec.method)
-    launch = launch or Launch(Path(results), data_root, device, progress, threads, debug)
+    launch = launch or Launch(Path(results), data_root, device, progress, threads, debug,
+                              compile=compile)
     run_dir = run_dir_for(spec, launch.results)
     what = f"{spec.row_name} seed {spec.seed}"
     say = launch.notices or (lambda text: print(text, file=sys.stderr, flush=True))

@@ -131,6 +131,10 @@ class TrainState:
     # the dataset's channels, image side, classes and normalisation (for defenses that
     # build networks of their own, e.g. a policy network)
     data_info: DatasetInfo | None = None
+    # the engine's, with --compile (bench/compiled.py): torch.compile's wrapper of `model`
+    # (the same parameters), which the base method runs for its attack and training loss;
+    # hooks use `model`
+    compiled_model: nn.Module | None = None
     # progress
     epoch: int = 0  # 0-based epoch being trained
     step: int = 0  # global iteration counter

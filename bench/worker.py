@@ -71,7 +71,8 @@ def train(payload: dict) -> None:
     run_dir = run_dir_for(spec, Path(payload["results"]))
     splits = build_splits(suite.data, payload.get("data_root"), suite.curves.size)
     Trainer(spec, suite, splits, run_dir, device=pick_device(payload.get("device")),
-            progress=bool(payload.get("progress", True))).train()
+            progress=bool(payload.get("progress", True)),
+            compile=payload.get("compile") or False).train()
 
 
 def plan(payload: dict) -> None:
