@@ -71,6 +71,7 @@ PHASE = 0.75  # the point of training the cases are timed at
 AGREEMENT_IMAGES = 1000
 TARGETS = {"eager": 8.0, "compiled": 5.0}  # PGD-AT s/epoch on one H100
 PASS_TARGET = 1.5  # a defense's cost over what its passes predict
+COMPILE_BACKEND = ["inductor"]  # --compile-backend (tests: aot_eager, fast to build)
 
 
 def _sync(device: torch.device) -> None:
@@ -96,7 +97,7 @@ def _trainer(suite: Suite, method: str, defenses: tuple[str, ...], bf16: bool, s
     spec = RunSpec(suite.name, method, tuple(parse_defense_arg(d) for d in defenses), 0)
     trainer = Trainer(spec, suite, splits, folder, device=device, progress=False,
                       mixed_precision=bf16, channels_last=True,
-                      **({"compile": compile_mode} if compile_mode else {}))
+                      compile=compile_mode or False, compile_backend=COMPILE_BACKEND[0])
     state = trainer.build()
     if any("clean_model" in d.capabilities for d in trainer.defenses):
         state.clean_model = trainer._fresh_model().eval().requires_grad_(False)
@@ -287,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which bf16 cases also run compiled (default all)")
     parser.add_argument("--compile-mode", default="default",
                         help="the engine's --compile mode for the compiled cases")
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="device_check.json")
     args = parser.parse_args(argv)
+    COMPILE_BACKEND[0] = args.compile_backend
     device = pick_device(args.device)
     if device.type != "cuda" and not args.tiny:
         print("device_check: error: no CUDA device; use --tiny for the CPU check",

@@ -17,7 +17,7 @@ def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     out = tmp_path / "device_check.json"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), "--tiny",
                            "--device", "cpu", "--out", str(out), "--aa-images", "16",
-                           "--compiled", "none"],
+                           "--compiled", "at", "--compile-backend", "aot_eager"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -31,7 +31,8 @@ def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     assert cases == [("at", [], "bf16", "eager"), ("at", ["awp"], "bf16", "eager"),
                      ("trades", [], "bf16", "eager"), ("at", ["dom_da"], "bf16", "eager"),
                      ("trades", ["cure"], "bf16", "eager"), ("at", ["aroid"], "bf16", "eager"),
-                     ("fgsm_rs", [], "bf16", "eager"), ("at", [], "fp32", "eager")]
+                     ("fgsm_rs", [], "bf16", "eager"), ("at", [], "fp32", "eager"),
+                     ("at", [], "bf16", "compiled")]
     batch = smoke.train.batch_size
     batches = -(-train_images // batch)
     k = smoke.train.attack_steps
@@ -49,6 +50,9 @@ def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     at = rows[("AT", "eager")]
     assert (at["forward_per_step"], at["backward_per_step"]) == (k + 1, k + 1)
     assert at["cost_ratio"] == 1.0 and at["passes_ratio"] == 1.0
+    compiled = rows[("AT", "compiled")]  # its ratios are against compiled AT: itself
+    assert compiled["compile_mode"] == "default" and compiled["cost_ratio"] == 1.0
+    assert (compiled["forward_per_step"], compiled["backward_per_step"]) == (k + 1, k + 1)
     awp = rows[("AT+AWP", "eager")]
     assert (awp["forward_per_step"], awp["backward_per_step"]) == (k + 2, k + 2)
     assert awp["passes_ratio"] == (2 * k + 4) / (2 * k + 2)
