@@ -66,6 +66,7 @@ checkpoints and resume. It never names a defense.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.checkpoint_io import CheckpointWriter
 from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model
 from bench.config import RunSpec, Suite
 from bench.curves import curve_point, derive_seed, make_generator, pick_device, to_float
@@ -90,7 +92,7 @@ from bench.hooks import (
 from bench.methods import build_method
 from bench.models import build_model
 from bench.records import (
-    atomic_torch_save,
+    CheckpointWriteError,
     check_same_params,
     load_checkpoint,
     write_history,
@@ -215,10 +217,12 @@ class Trainer:
         self.train_y = self.splits.train.y.to(self.device)
         self.train_index = self.splits.train.index.to(self.device)
         self._train_order: torch.return_types.sort | None = None  # for train_x_for
-        # the fixed curve subsets, converted once: (x in [0, 1], y) on the device
-        self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), False),
+        # the fixed curve subsets, converted once: (x in [0, 1], y) on the device, in the
+        # model's memory format (the values do not depend on it)
+        self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), self.channels_last),
                           self.splits.val_curve.y.to(self.device))
-        self.train_curve = (to_float(self.splits.train_curve.x.to(self.device), False),
+        self.train_curve = (to_float(self.splits.train_curve.x.to(self.device),
+                                     self.channels_last),
                             self.splits.train_curve.y.to(self.device))
         self.method = build_method(self.spec.method, self.attack_gen)
         state = TrainState(
@@ -421,13 +425,40 @@ class Trainer:
                 "suite_hash": self.suite_hash})
         epochs = self.suite.train.epochs
         bar = _epoch_bar(self.progress, epochs, state.epoch, self.label)
+        writer = CheckpointWriter()
+        self.guard.settle_writes = writer.settle  # error messages name what is on disk
+        try:
+            best_epoch = self._epochs(state, stop_after_epochs, history, best, seconds,
+                                      writer, bar)
+        except BaseException as exc:  # the write in flight still lands; then the error
+            try:
+                writer.wait()
+            except CheckpointWriteError as failed:
+                exc.add_note(str(failed))
+            raise
+        writer.wait()
+        if bar is not None:
+            bar.close()
+        return TrainOutcome(self.run_dir, state.epoch, best_epoch, state.epoch >= epochs)
+
+    def _epochs(self, state: TrainState, stop_after_epochs: int | None, history: list[dict],
+                best: dict, seconds: float, writer: CheckpointWriter, bar) -> int:
+        """The epoch loop of `train`; returns the best epoch. Each epoch's checkpoint is
+        snapshotted here and written by `writer` in the background (best.pt and last.pt
+        from one serialisation, then history.jsonl) while the next epoch trains."""
+        epochs = self.suite.train.epochs
         while state.epoch < epochs:
             if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
                 break
+            writer.check()  # a write that failed during the last epoch stops the run now
             start, cpu_start = time.perf_counter(), time.process_time()
+            writer_cpu_start = writer.cpu_seconds
             train_stats = self._train_epoch(state)
             train_seconds = time.perf_counter() - start
-            train_cpu_seconds = time.process_time() - cpu_start
+            if self.device.type == "cpu":  # the last write's CPU time is not training's
+                writer.settle()
+            train_cpu_seconds = (time.process_time() - cpu_start
+                                 - (writer.cpu_seconds - writer_cpu_start))
             curve_start = time.perf_counter()
             curve_model = self._curve_copy()
             val = curve_point(curve_model, *self.val_curve, self.suite,
@@ -450,21 +481,22 @@ class Trainer:
                 # the process's CPU time: unlike wall time, other jobs barely change it
                 row["cpu_seconds"] = train_cpu_seconds
             history.append(row)
-            payload = self._payload(state, history, best, seconds)
-            if val.robust > best["val_robust"]:
+            improved = val.robust > best["val_robust"]
+            if improved:
                 best = {"epoch": state.epoch, "val_robust": val.robust}
-                payload["best"] = best
-                atomic_torch_save(payload, self.run_dir / "best.pt")
-            atomic_torch_save(payload, last_path)
-            write_history(self.run_dir / "history.jsonl", history)
+            payload = self._payload(state, history, best, seconds)
+            # one serialisation for both files; history.jsonl only once last.pt is on disk
+            writer.submit(payload, ([self.run_dir / "best.pt"] if improved else [])
+                          + [self.run_dir / "last.pt"],
+                          then=functools.partial(write_history, self.run_dir / "history.jsonl",
+                                                 list(history)),
+                          what=f"the checkpoint after epoch {state.epoch}")
             if bar is not None:
                 fgsm = {} if val.fgsm is None else {"val_fgsm": f"{val.fgsm:.3f}"}
                 bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",
                                 **fgsm, best=best["epoch"])
                 bar.update(1)
-        if bar is not None:
-            bar.close()
-        return TrainOutcome(self.run_dir, state.epoch, best["epoch"], state.epoch >= epochs)
+        return best["epoch"]
 
     def _train_epoch(self, state: TrainState) -> dict[str, float]:
         self.model.train()
