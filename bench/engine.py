@@ -38,7 +38,10 @@ for epoch:
     validation curves                  engine-owned, on a hook-free copy of the model
     eval_models(state) -> {name: module}  only names in `extra_models`, each of the suite's
                                        architecture: saved as state_dicts in the checkpoint
-    checkpoints                        history.jsonl, best.pt, last.pt
+    checkpoints                        snapshotted to host memory now; best.pt (if
+                                       validation improved) and last.pt from one
+                                       serialisation, then history.jsonl, written in
+                                       the background while the next epoch trains
 ```
 
 Every hook call goes through `bench.hooks.HookGuard`: an exception raised by defense
@@ -46,7 +49,10 @@ code, or an output the engine cannot use (a non-scalar or detached term, per-sam
 weights of the wrong shape, an extra model of another architecture), ends the run with one
 `DefenseError` line naming the defense, its file and line, the hook, epoch and step; the
 last checkpoint is kept. The evaluator (`bench/evaluate.py`) never sees a defense: it
-scores the weights saved in the checkpoints, in a process of its own.
+scores the weights saved in the checkpoints, in a process of its own. A checkpoint write
+runs in a thread (bench/checkpoint_io.py), one at a time: the engine waits for it before
+the next, at the end of training, on any error and before an error message names what was
+kept; a failed write stops the run with one CheckpointWriteError line.
 
 Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overrides)` (the
 suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the
