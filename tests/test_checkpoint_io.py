@@ -110,21 +110,27 @@ def test_snapshot_keeps_strides_views_and_identities():
 
 
 def test_the_next_write_waits_for_the_one_in_flight(tmp_path, monkeypatch):
-    original = checkpoint_io.serialise_checkpoint
-    calls = []
+    original = checkpoint_io.atomic_write_bytes
+    spans = []
 
-    def first_is_slow(data):
-        calls.append(data["epoch"])
-        if data["epoch"] == 1:
+    def first_is_slow(path, data):
+        epoch = torch.load(io.BytesIO(data), weights_only=True)["epoch"]
+        start = time.perf_counter()
+        if epoch == 1:
             time.sleep(0.5)
-        return original(data)
+        original(path, data)
+        spans.append((epoch, start, time.perf_counter()))
 
-    monkeypatch.setattr(checkpoint_io, "serialise_checkpoint", first_is_slow)
+    monkeypatch.setattr(checkpoint_io, "atomic_write_bytes", first_is_slow)
     writer = CheckpointWriter()
     writer.submit({"epoch": 1}, [tmp_path / "last.pt"])
     writer.submit({"epoch": 2}, [tmp_path / "last.pt"])
     writer.wait()
-    assert calls == [1, 2]
+    for thread in threading.enumerate():  # any other writer thread, were there one
+        if thread.name == "checkpoint-writer":
+            thread.join()
+    (first, _, first_end), (second, second_start, _) = spans
+    assert (first, second) == (1, 2) and second_start >= first_end  # one after the other
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2  # not overwritten by epoch 1
 
 

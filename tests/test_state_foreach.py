@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_prototype_data
 from torch import nn
 
 from bench.config import RunSpec
 from bench.curves import curve_point, derive_seed, to_float
+from bench.data import ArraySplit, DatasetInfo, Splits
 from bench.engine import Trainer
 from bench.state import TrainState, bn_buffers, preserved_bn_stats, shifted_weights
 
@@ -98,19 +100,29 @@ def test_pop_logs_gives_the_per_value_means():
     assert state.logs == {} and state.pop_logs() == {}
 
 
+def _rgb_splits() -> Splits:
+    """Three-channel images (with one channel, NCHW and channels_last are the same layout)."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = make_prototype_data(96, gen)
+    split = ArraySplit(x=(x * 255).round().to(torch.uint8), y=y, index=torch.arange(96))
+    info = DatasetInfo("prototypes", 10, 3, 16, (0.5,) * 3, (0.25,) * 3)
+    return Splits(info, split, split, None, split, split)
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
-def test_curves_are_the_same_with_channels_last_inputs(smoke_suite, smoke_splits, tmp_path,
-                                                       autocast):
-    trainer = Trainer(RunSpec(smoke_suite.name, "at", (), 0), smoke_suite, smoke_splits,
+def test_curves_are_the_same_with_channels_last_inputs(smoke_suite, tmp_path, autocast):
+    splits = _rgb_splits()
+    trainer = Trainer(RunSpec(smoke_suite.name, "at", (), 0), smoke_suite, splits,
                       tmp_path, device=torch.device("cpu"), progress=False,
                       mixed_precision=autocast is not None, channels_last=True)
     state = trainer.build()
     for _, (x, y, index) in zip(range(3), trainer.loader):  # weights that are not the init
         trainer.train_step(state, x, y, index)
+    x_nchw = to_float(splits.val_curve.x, False)
+    for x_cl, _ in (trainer.val_curve, trainer.train_curve):  # as the model runs
+        assert x_cl.is_contiguous(memory_format=torch.channels_last)
+        assert not x_cl.is_contiguous() and torch.equal(x_nchw, x_cl)
     x_cl, y = trainer.val_curve
-    assert x_cl.is_contiguous(memory_format=torch.channels_last)  # as the model runs
-    x_nchw = to_float(smoke_splits.val_curve.x, False)
-    assert x_nchw.is_contiguous() and torch.equal(x_nchw, x_cl)
     model = trainer._curve_copy()
     seed = derive_seed(0, "curves")
     before = curve_point(model, x_nchw, y, smoke_suite, seed, autocast, fgsm=True)
