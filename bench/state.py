@@ -38,18 +38,26 @@ def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
     statistics (they are restored on exit, bit for bit). Use it before the batch's
     training forward (in `before_attack`, `after_attack` or on entering `around_update`):
     the in-place restore after that forward would invalidate its autograd graph.
-    Saved and restored with one `_foreach_copy_` each (no per-buffer kernel launches)."""
+    Saved and restored with one `_foreach_copy_` per dtype (statistics, batch counts)
+    instead of one copy kernel per buffer."""
     buffers = bn_buffers(model)
     saved = [torch.empty_like(buf) for buf in buffers]
-    if buffers:
-        with torch.no_grad():
-            torch._foreach_copy_(saved, buffers)
+    _grouped_copy_(saved, buffers)
     try:
         yield
     finally:
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, saved)
+        _grouped_copy_(buffers, saved)
+
+
+def _grouped_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, one `_foreach_copy_` per (device, dtype) of dst (a
+    GPU's batched kernel takes tensors of one dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(dst):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    with torch.no_grad():
+        for indices in groups.values():
+            torch._foreach_copy_([dst[i] for i in indices], [src[i] for i in indices])
 
 
 @contextlib.contextmanager

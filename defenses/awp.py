@@ -32,7 +32,8 @@ def layerwise_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor
     """v_l = gamma * ||w_l|| * g_l / ||g_l|| per layer (Frobenius norms); a
     layer with a zero gradient gets v_l = 0. The norms and scales of all layers are
     computed together (`_foreach_norm`, one vector of scales): on the CPU bit for bit the
-    per-layer loop's values (tests/test_awp.py)."""
+    per-layer loop's values (tests/test_awp.py); on a GPU the batched norm may differ from
+    a per-tensor norm in the last float32 bit (another reduction order)."""
     if len(weights) != len(grads):
         raise ValueError(f"awp: {len(weights)} weights but {len(grads)} gradients")
     if not weights:

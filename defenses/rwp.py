@@ -55,7 +55,8 @@ def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Frobenius norm of all tensors concatenated into one vector (fp32): the norm of the
-    per-tensor norms (`_foreach_norm`; on the CPU bit for bit a per-tensor loop's)."""
+    per-tensor norms (`_foreach_norm`; on the CPU bit for bit a per-tensor loop's, on a GPU
+    possibly another last float32 bit: another reduction order)."""
     return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).norm()
 
 
