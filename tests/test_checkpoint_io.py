@@ -205,3 +205,18 @@ def test_history_never_names_an_epoch_whose_last_checkpoint_is_not_on_disk(
     assert seen == [(1, 1), (2, 2), (3, 3)]
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["best"]["epoch"] == best["epoch"]  # best.pt: the same payload as last.pt was
+
+
+def test_a_crash_during_a_failing_write_keeps_its_error_and_notes_the_write(
+        tmp_path, smoke_suite, smoke_splits, monkeypatch):
+    def slow_failing_write(path, data):  # epoch 1's write is in flight and will fail
+        time.sleep(0.4)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io, "atomic_write_bytes", slow_failing_write)
+    with pytest.raises(DefenseError, match=r"boom.*nothing of this run was kept") as caught:
+        train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits,
+              instances=[FailsInEpoch2()])
+    (note,) = caught.value.__notes__
+    assert "writing the checkpoint after epoch 1" in note and "No space left" in note
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "history.jsonl").exists()
