@@ -119,9 +119,9 @@ def _plain_strided(t: torch.Tensor) -> bool:
 def snapshot(payload: Any, pool: dict | None = None) -> tuple[Any, list, list]:
     """A host copy of `payload` (see the module doc), the CUDA events to wait for before
     reading it (none on the CPU) and the host buffers it lives in, as (pool key, buffer)
-    pairs. Buffers of the right
-    size are taken from `pool` (those of an earlier snapshot no longer read) instead of
-    allocated: new host memory costs page faults, and pinned memory a driver call."""
+    pairs. Buffers of the right size are taken from `pool` (those of an earlier snapshot
+    no longer read) instead of allocated: new host memory costs page faults, and pinned
+    memory a driver call."""
     snap = _Snapshot(pool)
     out = snap.copy(payload)
     return out, snap.ready_events(), snap.buffers
