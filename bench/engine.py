@@ -38,7 +38,10 @@ for epoch:
     validation curves                  engine-owned, on a hook-free copy of the model
     eval_models(state) -> {name: module}  only names in `extra_models`, each of the suite's
                                        architecture: saved as state_dicts in the checkpoint
-    checkpoints                        history.jsonl, best.pt, last.pt
+    checkpoints                        snapshotted to host memory now; best.pt (if
+                                       validation improved) and last.pt from one
+                                       serialisation, then history.jsonl, written in
+                                       the background while the next epoch trains
 ```
 
 Every hook call goes through `bench.hooks.HookGuard`: an exception raised by defense
@@ -46,7 +49,10 @@ code, or an output the engine cannot use (a non-scalar or detached term, per-sam
 weights of the wrong shape, an extra model of another architecture), ends the run with one
 `DefenseError` line naming the defense, its file and line, the hook, epoch and step; the
 last checkpoint is kept. The evaluator (`bench/evaluate.py`) never sees a defense: it
-scores the weights saved in the checkpoints, in a process of its own.
+scores the weights saved in the checkpoints, in a process of its own. A checkpoint write
+runs in a thread (bench/checkpoint_io.py), one at a time: the engine waits for it before
+the next, at the end of training, on any error and before an error message names what was
+kept; a failed write stops the run with one CheckpointWriteError line.
 
 Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overrides)` (the
 suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the
@@ -75,6 +81,7 @@ float tolerance).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -84,6 +91,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.checkpoint_io import CheckpointWriter
 from bench.clean_model import CLEAN_MODELS_DIR, obtain_clean_model
 from bench.compiled import CUDAGRAPH_MODES, compile_mode, compile_model
 from bench.config import RunSpec, Suite
@@ -101,7 +109,7 @@ from bench.hooks import (
 from bench.methods import build_method
 from bench.models import build_model
 from bench.records import (
-    atomic_torch_save,
+    CheckpointWriteError,
     check_same_params,
     load_checkpoint,
     write_history,
@@ -241,10 +249,12 @@ class Trainer:
         self.train_y = self.splits.train.y.to(self.device)
         self.train_index = self.splits.train.index.to(self.device)
         self._train_order: torch.return_types.sort | None = None  # for train_x_for
-        # the fixed curve subsets, converted once: (x in [0, 1], y) on the device
-        self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), False),
+        # the fixed curve subsets, converted once: (x in [0, 1], y) on the device, in the
+        # model's memory format (the values do not depend on it)
+        self.val_curve = (to_float(self.splits.val_curve.x.to(self.device), self.channels_last),
                           self.splits.val_curve.y.to(self.device))
-        self.train_curve = (to_float(self.splits.train_curve.x.to(self.device), False),
+        self.train_curve = (to_float(self.splits.train_curve.x.to(self.device),
+                                     self.channels_last),
                             self.splits.train_curve.y.to(self.device))
         self.method = build_method(self.spec.method, self.attack_gen)
         # the base method's forwards with --compile: a wrapper of the same module (same
@@ -453,13 +463,40 @@ class Trainer:
                 "suite_hash": self.suite_hash})
         epochs = self.suite.train.epochs
         bar = _epoch_bar(self.progress, epochs, state.epoch, self.label)
+        writer = CheckpointWriter()
+        self.guard.settle_writes = writer.settle  # error messages name what is on disk
+        try:
+            best_epoch = self._epochs(state, stop_after_epochs, history, best, seconds,
+                                      writer, bar)
+        except BaseException as exc:  # the write in flight still lands; then the error
+            try:
+                writer.wait()
+            except CheckpointWriteError as failed:
+                exc.add_note(str(failed))
+            raise
+        writer.wait()
+        if bar is not None:
+            bar.close()
+        return TrainOutcome(self.run_dir, state.epoch, best_epoch, state.epoch >= epochs)
+
+    def _epochs(self, state: TrainState, stop_after_epochs: int | None, history: list[dict],
+                best: dict, seconds: float, writer: CheckpointWriter, bar) -> int:
+        """The epoch loop of `train`; returns the best epoch. Each epoch's checkpoint is
+        snapshotted here and written by `writer` in the background (best.pt and last.pt
+        from one serialisation, then history.jsonl) while the next epoch trains."""
+        epochs = self.suite.train.epochs
         while state.epoch < epochs:
             if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
                 break
+            writer.check()  # a write that failed during the last epoch stops the run now
             start, cpu_start = time.perf_counter(), time.process_time()
+            writer_cpu_start = writer.cpu_seconds
             train_stats = self._train_epoch(state)
             train_seconds = time.perf_counter() - start
-            train_cpu_seconds = time.process_time() - cpu_start
+            if self.device.type == "cpu":  # the last write's CPU time is not training's
+                writer.settle()
+            train_cpu_seconds = (time.process_time() - cpu_start
+                                 - (writer.cpu_seconds - writer_cpu_start))
             curve_start = time.perf_counter()
             curve_model = self._curve_copy()
             val = curve_point(curve_model, *self.val_curve, self.suite,
@@ -482,21 +519,22 @@ class Trainer:
                 # the process's CPU time: unlike wall time, other jobs barely change it
                 row["cpu_seconds"] = train_cpu_seconds
             history.append(row)
-            payload = self._payload(state, history, best, seconds)
-            if val.robust > best["val_robust"]:
+            improved = val.robust > best["val_robust"]
+            if improved:
                 best = {"epoch": state.epoch, "val_robust": val.robust}
-                payload["best"] = best
-                atomic_torch_save(payload, self.run_dir / "best.pt")
-            atomic_torch_save(payload, last_path)
-            write_history(self.run_dir / "history.jsonl", history)
+            payload = self._payload(state, history, best, seconds)
+            # one serialisation for both files; history.jsonl only once last.pt is on disk
+            writer.submit(payload, ([self.run_dir / "best.pt"] if improved else [])
+                          + [self.run_dir / "last.pt"],
+                          then=functools.partial(write_history, self.run_dir / "history.jsonl",
+                                                 list(history)),
+                          what=f"the checkpoint after epoch {state.epoch}")
             if bar is not None:
                 fgsm = {} if val.fgsm is None else {"val_fgsm": f"{val.fgsm:.3f}"}
                 bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",
                                 **fgsm, best=best["epoch"])
                 bar.update(1)
-        if bar is not None:
-            bar.close()
-        return TrainOutcome(self.run_dir, state.epoch, best["epoch"], state.epoch >= epochs)
+        return best["epoch"]
 
     def _train_epoch(self, state: TrainState) -> dict[str, float]:
         self.model.train()

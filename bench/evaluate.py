@@ -278,7 +278,7 @@ def recheck_curve(model_weights: dict, ckpt: dict, suite: Suite, splits: Splits,
     channels_last = bool(settings.get("channels_last", True))
     model = model_from_weights(suite, splits.info, model_weights, "model", path, device,
                                channels_last=channels_last)
-    x = to_float(splits.val_curve.x.to(device), False)
+    x = to_float(splits.val_curve.x.to(device), channels_last)  # as the engine fed it
     yv = splits.val_curve.y.to(device)
     point = curve_point(model, x, yv, suite, derive_seed(spec.seed, "curves"), dtype)
     epoch = int(ckpt["epoch"])

@@ -98,10 +98,14 @@ class HookGuard:
     def __init__(self, run_dir: Path, row: str) -> None:
         self.run_dir = Path(run_dir)
         self.row = row
+        # called before `kept` reads last.pt: the engine sets it to wait for a checkpoint
+        # still being written in the background, so the message names what is on disk
+        self.settle_writes: Callable[[], None] = lambda: None
 
     def kept(self, state: TrainState | None = None) -> str:
         """What of the run is on disk and how to go on. The epoch comes from `last.pt`
         itself (a failure while writing a checkpoint leaves the previous one)."""
+        self.settle_writes()
         last = self.run_dir / "last.pt"
         if last.exists():
             done = checkpoint_epoch(last)

@@ -9,6 +9,7 @@ crash never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -26,6 +27,11 @@ RECORD_SCHEMA = SCHEMA  # the version this ROBench writes
 
 class RecordError(ValueError):
     """A record or run folder is missing or malformed."""
+
+
+class CheckpointWriteError(RecordError):
+    """A checkpoint could not be written (e.g. a full disk); the files it would have
+    replaced keep their previous contents."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -61,6 +67,19 @@ def _json_default(value: Any) -> Any:
 
 def atomic_torch_save(payload: dict, path: Path) -> None:
     _atomic_write(path, lambda h: torch.save(payload, h))
+
+
+def serialise_checkpoint(payload: dict) -> bytes:
+    """The bytes `atomic_torch_save` writes for `payload` (torch.save into memory), so that
+    one serialisation can be written to several files."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda h: h.write(data))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

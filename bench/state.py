@@ -25,39 +25,57 @@ if TYPE_CHECKING:
     from bench.data import DatasetInfo
 
 
+def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm buffers of `model` (running mean and variance, batch counts)."""
+    return [buf for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for buf in module.buffers()]
+
+
 @contextlib.contextmanager
 def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
     """Run extra forwards in train mode without touching BatchNorm running
     statistics (they are restored on exit, bit for bit). Use it before the batch's
     training forward (in `before_attack`, `after_attack` or on entering `around_update`):
-    the in-place restore after that forward would invalidate its autograd graph."""
-    saved = [
-        (buf, buf.detach().clone())
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for buf in module.buffers()
-    ]
+    the in-place restore after that forward would invalidate its autograd graph.
+    Saved and restored with one `_foreach_copy_` per dtype (statistics, batch counts)
+    instead of one copy kernel per buffer."""
+    buffers = bn_buffers(model)
+    saved = [torch.empty_like(buf) for buf in buffers]
+    _grouped_copy_(saved, buffers)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buf, copy in saved:
-                buf.copy_(copy)
+        _grouped_copy_(buffers, saved)
+
+
+def _grouped_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, one `_foreach_copy_` per (device, dtype) of dst (a
+    GPU's batched kernel takes tensors of one dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(dst):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    with torch.no_grad():
+        for indices in groups.values():
+            torch._foreach_copy_([dst[i] for i in indices], [src[i] for i in indices])
 
 
 @contextlib.contextmanager
 def shifted_weights(params: list[torch.Tensor], shifts: list[torch.Tensor]) -> Iterator[None]:
     """Add `shifts` to `params` in place for the body, subtract them afterwards (also on
     an exception): the pattern of weight-perturbation defenses (perturb, train, restore)."""
-    with torch.no_grad():
-        for p, v in zip(params, shifts, strict=True):
-            p.add_(v)
+    params, shifts = list(params), list(shifts)
+    if len(params) != len(shifts):
+        raise ValueError(f"shifted_weights: {len(params)} parameters but {len(shifts)} shifts")
+    if params:
+        with torch.no_grad():
+            torch._foreach_add_(params, shifts)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, v in zip(params, shifts, strict=True):
-                p.sub_(v)
+        if params:
+            with torch.no_grad():
+                torch._foreach_sub_(params, shifts)
 
 
 @contextlib.contextmanager
@@ -210,10 +228,22 @@ class TrainState:
         self.logs.setdefault(key, []).append(value)  # type: ignore[arg-type]
 
     def pop_logs(self) -> dict[str, float]:
-        out = {}
-        for key, values in self.logs.items():
-            if values:
-                out[key] = float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu()
-                                              for v in values]).mean())
+        """The epoch mean of each logged key (fp32, as a float), and empty the logs. The
+        tensors logged on a device reach the host in one copy per device, not one each."""
+        logs = {key: values for key, values in self.logs.items() if values}
         self.logs = {}
-        return out
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for values in logs.values():
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    by_device.setdefault(v.device, []).append(v)
+        host: dict[int, torch.Tensor] = {}  # id of a logged tensor -> its fp32 host copy
+        for tensors in by_device.values():
+            flat = torch.cat([t.detach().to(torch.float32).reshape(-1) for t in tensors])
+            flat = flat.cpu()  # the one device-to-host copy
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                host[id(t)] = part.view(t.shape)
+        return {key: float(torch.stack([host[id(v)] if isinstance(v, torch.Tensor)
+                                         else torch.as_tensor(v, dtype=torch.float32)
+                                         for v in values]).mean())
+                for key, values in logs.items()}

@@ -30,15 +30,22 @@ from defenses.card import BEST_NOT_STATED, BEST_ON_TEST, FULL_TRAIN, entries
 def layerwise_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor],
                            gamma: float) -> list[torch.Tensor]:
     """v_l = gamma * ||w_l|| * g_l / ||g_l|| per layer (Frobenius norms); a
-    layer with a zero gradient gets v_l = 0."""
-    out = []
-    for w, g in zip(weights, grads, strict=True):
-        g = g.float()
-        g_norm = g.norm()
-        scale = torch.where(g_norm > 0, gamma * w.detach().float().norm() / g_norm.clamp_min(1e-30),
-                            torch.zeros_like(g_norm))
-        out.append((g * scale).to(w.dtype))
-    return out
+    layer with a zero gradient gets v_l = 0. The norms and scales of all layers are
+    computed together (`_foreach_norm`, one vector of scales): on the CPU bit for bit the
+    per-layer loop's values (tests/test_awp.py); on a GPU the batched norm may differ from
+    a per-tensor norm in the last float32 bit (another reduction order)."""
+    if len(weights) != len(grads):
+        raise ValueError(f"awp: {len(weights)} weights but {len(grads)} gradients")
+    if not weights:
+        return []
+    grads = [g.float() for g in grads]  # no copies for fp32 gradients
+    g_norm = torch.stack(torch._foreach_norm(grads))
+    w_norm = torch.stack(torch._foreach_norm([w.detach().float() for w in weights]))
+    scale = torch.where(g_norm > 0, gamma * w_norm / g_norm.clamp_min(1e-30),
+                        torch.zeros_like(g_norm))
+    out = torch._foreach_mul(grads, list(scale.unbind()))
+    return [v if v.dtype == w.dtype else v.to(w.dtype)
+            for v, w in zip(out, weights, strict=True)]
 
 
 @register_defense("awp")

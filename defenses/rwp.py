@@ -54,8 +54,10 @@ def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Frobenius norm of all tensors concatenated into one vector (fp32)."""
-    return torch.stack([t.detach().float().norm() for t in tensors]).norm()
+    """Frobenius norm of all tensors concatenated into one vector (fp32): the norm of the
+    per-tensor norms (`_foreach_norm`; on the CPU bit for bit a per-tensor loop's, on a GPU
+    possibly another last float32 bit: another reduction order)."""
+    return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).norm()
 
 
 def global_perturbation(direction: list[torch.Tensor], weight_norm: torch.Tensor,
@@ -65,7 +67,7 @@ def global_perturbation(direction: list[torch.Tensor], weight_norm: torch.Tensor
     a_norm = global_norm(direction)
     scale = torch.where(a_norm > 0, gamma * weight_norm / a_norm.clamp_min(1e-30),
                         torch.zeros_like(a_norm))
-    return [a.float() * scale for a in direction]
+    return torch._foreach_mul([a.float() for a in direction], scale)
 
 
 def ascend(loss_fn: Callable[[], torch.Tensor], kernels: list[torch.nn.Parameter],
@@ -73,10 +75,14 @@ def ascend(loss_fn: Callable[[], torch.Tensor], kernels: list[torch.nn.Parameter
     """Run the K2 ascent steps; returns v (in the kernels' dtypes) and the fraction of
     examples passing the LSC at each step, and leaves the kernels clean (also on an
     exception). `loss_fn` returns the per-example loss at the current weights. Each step
-    sets the kernels to w + v from a clean copy, so nothing accumulates rounding."""
-    clean = [p.detach().clone() for p in kernels]
+    sets the kernels to w + v from a clean copy, so nothing accumulates rounding. Copies,
+    sums and norms run over all kernels at once (`torch._foreach_*`)."""
+    clean = [torch.empty_like(p) for p in kernels]
+    accumulated = [torch.empty_like(p, dtype=torch.float32) for p in kernels]
+    with torch.no_grad():
+        torch._foreach_copy_(clean, [p.detach() for p in kernels])
+        torch._foreach_zero_(accumulated)
     weight_norm = global_norm(clean)
-    accumulated = [torch.zeros_like(p, dtype=torch.float32) for p in kernels]
     perturbation = [torch.zeros_like(p) for p in kernels]
     passed = []
     try:
@@ -85,18 +91,17 @@ def ascend(loss_fn: Callable[[], torch.Tensor], kernels: list[torch.nn.Parameter
             mask = lsc_mask(losses, c_min)
             passed.append(mask.float().mean())
             grads = torch.autograd.grad(masked_mean(losses, mask), kernels, allow_unused=True)
-            for a, g in zip(accumulated, grads, strict=True):
-                if g is not None:
-                    a.add_(g.float())
-            perturbation = [v.to(p.dtype) for v, p in zip(
+            present = [(a, g.float()) for a, g in zip(accumulated, grads, strict=True)
+                       if g is not None]
+            if present:
+                torch._foreach_add_([a for a, _ in present], [g for _, g in present])
+            perturbation = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(
                 global_perturbation(accumulated, weight_norm, gamma), kernels, strict=True)]
             with torch.no_grad():
-                for p, w, v in zip(kernels, clean, perturbation, strict=True):
-                    p.copy_(w + v)
+                torch._foreach_copy_(kernels, torch._foreach_add(clean, perturbation))
     finally:
         with torch.no_grad():
-            for p, w in zip(kernels, clean, strict=True):
-                p.copy_(w)
+            torch._foreach_copy_(kernels, clean)
     return perturbation, torch.stack(passed)
 
 

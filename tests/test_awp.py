@@ -41,6 +41,33 @@ def test_zero_gradient_layer_gets_no_perturbation():
     assert torch.isfinite(v[1]).all() and v[1].norm() > 0
 
 
+def _per_layer_loop(weights, grads, gamma):
+    """The per-layer loop the batched version replaced (one norm, scale and product each)."""
+    out = []
+    for w, g in zip(weights, grads, strict=True):
+        g = g.float()
+        g_norm = g.norm()
+        scale = torch.where(g_norm > 0, gamma * w.detach().float().norm() / g_norm.clamp_min(1e-30),
+                            torch.zeros_like(g_norm))
+        out.append((g * scale).to(w.dtype))
+    return out
+
+
+def test_batched_perturbation_is_the_per_layer_loop_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (32, 16, 1, 1), (10, 64), (7, 7)]
+    for trial in range(10):
+        weights = [torch.randn(s, generator=gen) * (trial + 1) for s in shapes]
+        grads = [torch.randn(s, generator=gen) * 10.0 ** (-2 * i) for i, s in enumerate(shapes)]
+        weights[1] = weights[1].to(memory_format=torch.channels_last)
+        grads[1] = grads[1].to(memory_format=torch.channels_last)
+        grads[trial % len(shapes)].zero_()  # a layer with no gradient, somewhere
+        got = layerwise_perturbation(weights, grads, gamma=0.01)
+        want = _per_layer_loop(weights, grads, 0.01)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (trial, i)
+
+
 def test_gamma_zero_is_exactly_zero():
     v = layerwise_perturbation([torch.randn(4, 4)], [torch.randn(4, 4)], gamma=0.0)
     assert torch.count_nonzero(v[0]) == 0

@@ -134,6 +134,66 @@ def test_ascent_matches_the_spec_and_recomputes_the_mask_at_every_step():
         assert torch.equal(p, before[name]), name
 
 
+def _per_kernel_ascend(loss_fn, kernels, gamma, c_min, steps):
+    """The per-kernel loops the batched `ascend` replaced (norms, sums, copies one by one)."""
+    def norm_of_all(tensors):
+        return torch.stack([t.detach().float().norm() for t in tensors]).norm()
+
+    clean = [p.detach().clone() for p in kernels]
+    weight_norm = norm_of_all(clean)
+    accumulated = [torch.zeros_like(p, dtype=torch.float32) for p in kernels]
+    perturbation, passed = [], []
+    try:
+        for _ in range(steps):
+            losses = loss_fn().float()
+            mask = lsc_mask(losses, c_min)
+            passed.append(mask.float().mean())
+            grads = torch.autograd.grad(masked_mean(losses, mask), kernels, allow_unused=True)
+            for a, g in zip(accumulated, grads, strict=True):
+                if g is not None:
+                    a.add_(g.float())
+            a_norm = norm_of_all(accumulated)
+            scale = torch.where(a_norm > 0, gamma * weight_norm / a_norm.clamp_min(1e-30),
+                                torch.zeros_like(a_norm))
+            perturbation = [(a.float() * scale).to(p.dtype) for a, p in zip(accumulated, kernels)]
+            with torch.no_grad():
+                for p, w, v in zip(kernels, clean, perturbation, strict=True):
+                    p.copy_(w + v)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(kernels, clean, strict=True):
+                p.copy_(w)
+    return perturbation, torch.stack(passed)
+
+
+def test_batched_ascent_is_the_per_kernel_loop_bit_for_bit():
+    runs = []
+    for implementation in (ascend, _per_kernel_ascend):
+        torch.manual_seed(11)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.Flatten(),
+                              nn.Linear(8 * 4 * 4, 5), nn.Linear(5, 4, bias=False))
+        model = model.to(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(4)
+        x, y = torch.randn(24, 3, 8, 8, generator=gen), torch.randint(0, 4, (24,), generator=gen)
+        kernels = [p for _, p in kernel_parameters(model)]
+        with torch.no_grad():
+            c_min = F.cross_entropy(model(x), y, reduction="none").median().item() + 1e-3
+        trace = []  # the kernels each step's forward saw
+
+        def loss_fn(model=model, kernels=kernels, trace=trace, x=x, y=y):
+            trace.append([p.detach().clone() for p in kernels])
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        v, passed = implementation(loss_fn, kernels, 0.2, c_min, 6)
+        runs.append((v, passed, trace, [p.detach().clone() for p in model.parameters()]))
+    (v1, passed1, trace1, after1), (v2, passed2, trace2, after2) = runs
+    assert torch.equal(passed1, passed2) and 0 < passed1[0] < 1
+    for a, b in zip([*v1, *after1], [*v2, *after2], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for step1, step2 in zip(trace1, trace2, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(step1, step2, strict=True))
+
+
 def test_no_example_passing_gives_zero_perturbation_and_clean_kernels():
     model, x, y = _tiny_problem()
     before = [p.detach().clone() for _, p in kernel_parameters(model)]
