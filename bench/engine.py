@@ -52,7 +52,9 @@ last checkpoint is kept. The evaluator (`bench/evaluate.py`) never sees a defens
 scores the weights saved in the checkpoints, in a process of its own. A checkpoint write
 runs in a thread (bench/checkpoint_io.py), one at a time: the engine waits for it before
 the next, at the end of training, on any error and before an error message names what was
-kept; a failed write stops the run with one CheckpointWriteError line.
+kept; a failed write stops the run with one CheckpointWriteError line. On CUDA the write
+overlaps the next epoch's training (a process killed in that window, about a second per
+epoch, resumes from the epoch before); on the CPU the engine waits for it at once.
 
 Services on `state` (bench/state.py) that hooks may call: `attack(x, y, **overrides)` (the
 suite's attack with logged overrides; PGD-AT also takes `attack_bn="eval"|"train"`, the
@@ -194,6 +196,12 @@ class TrainOutcome:
 
 class Trainer:
     """Trains one run in its folder, resuming from `last.pt` when half-done."""
+
+    # device types whose checkpoints are written while the next epoch trains. On the CPU
+    # the write would compete with training for the same cores, and a process killed
+    # during the overlap (SIGKILL, a lost node) would lose the epoch in flight: there the
+    # engine waits for each write. (Tests add "cpu" to exercise the background path.)
+    background_checkpoints_on: tuple[str, ...] = ("cuda",)
 
     def __init__(self, spec: RunSpec, suite: Suite, splits: Splits, run_dir: Path,
                  device: torch.device | None = None, progress: bool = True,
@@ -529,6 +537,8 @@ class Trainer:
                           then=functools.partial(write_history, self.run_dir / "history.jsonl",
                                                  list(history)),
                           what=f"the checkpoint after epoch {state.epoch}")
+            if self.device.type not in self.background_checkpoints_on:
+                writer.wait()  # on disk before the next epoch starts
             if bar is not None:
                 fgsm = {} if val.fgsm is None else {"val_fgsm": f"{val.fgsm:.3f}"}
                 bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",

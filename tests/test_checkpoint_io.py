@@ -26,6 +26,12 @@ from bench.records import CheckpointWriteError, load_checkpoint, read_history
 from defenses.base import Defense
 
 
+@pytest.fixture(autouse=True)
+def background_on_the_cpu(monkeypatch):
+    """The engine writes in the background on CUDA only; these tests exercise that path."""
+    monkeypatch.setattr(Trainer, "background_checkpoints_on", ("cuda", "cpu"))
+
+
 def sync_bytes(payload) -> bytes:
     """What the synchronous engine wrote: torch.save of the payload into a file handle."""
     buffer = io.BytesIO()
@@ -220,3 +226,35 @@ def test_a_crash_during_a_failing_write_keeps_its_error_and_notes_the_write(
     (note,) = caught.value.__notes__
     assert "writing the checkpoint after epoch 1" in note and "No space left" in note
     assert not (tmp_path / "last.pt").exists() and not (tmp_path / "history.jsonl").exists()
+
+
+class LooksForLastEpoch(Defense):
+    name = "looks_for_last_epoch"
+    card = PROBE_CARD
+    seen: list = []
+
+    def on_epoch_start(self, state):
+        path = state_dir[0] / "last.pt"
+        self.seen.append(load_checkpoint(path)["epoch"] if path.exists() else 0)
+
+
+state_dir: list = []
+
+
+def test_on_the_cpu_each_checkpoint_is_on_disk_before_the_next_epoch(
+        tmp_path, smoke_suite, smoke_splits, monkeypatch):
+    """A process killed at any point of epoch k + 1 resumes from epoch k (no write overlaps
+    training on the CPU)."""
+    monkeypatch.setattr(Trainer, "background_checkpoints_on", ("cuda",))
+    original = checkpoint_io.atomic_write_bytes
+
+    def slow_write(path, data):  # a background write would still be in flight
+        time.sleep(0.3)
+        original(path, data)
+
+    monkeypatch.setattr(checkpoint_io, "atomic_write_bytes", slow_write)
+    state_dir[:] = [tmp_path]
+    LooksForLastEpoch.seen = []
+    train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits,
+          instances=[LooksForLastEpoch()])
+    assert LooksForLastEpoch.seen == [0, 1, 2]
