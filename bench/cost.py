@@ -180,20 +180,21 @@ def _passes_per_epoch(info: dict, i: int, per_epoch: float, suite: Suite) -> dic
     passes = info.get("passes")
     if not passes:
         return None
-    scale = {"forward": passes[i]["forward"] * per_epoch,
-             "backward": passes[i]["backward"] * per_epoch}
+    scale = {key: passes[i].get(key, 0) * per_epoch
+             for key in ("forward", "backward", "input_backward")}
     if i in info["clean_model_rows"]:
         epochs = info.get("clean_model_epochs", {}).get(str(i), suite.clean_model_epochs)
         for key in scale:
-            scale[key] += passes[-1][key] * per_epoch * epochs / suite.train.epochs
+            scale[key] += passes[-1].get(key, 0) * per_epoch * epochs / suite.train.epochs
     return scale
 
 
 def _pass_total(row: dict) -> float:
-    """What the passes predict of a row's cost: forward plus backward passes (an attack's
-    backward computes input gradients only, about one forward; a training backward about
-    two; most passes of every method are the attack's)."""
-    return row["passes_per_epoch"]["forward"] + row["passes_per_epoch"]["backward"]
+    """What the passes predict of a row's cost, in forward-pass units: a forward 1, a
+    backward with input gradients only (an attack's) 1, a backward that also computes
+    weight gradients (training, weight perturbations) 2 (`PassCounter.work`)."""
+    p = row["passes_per_epoch"]
+    return p["forward"] + p["input_backward"] + 2 * (p["backward"] - p["input_backward"])
 
 
 def write_cost(document: dict, results: Path) -> Path:
@@ -203,8 +204,9 @@ def write_cost(document: dict, results: Path) -> Path:
 
 
 def cost_table(document: dict) -> str:
-    """The measured ratios, with what the passes predict (`passes`: the row's forward plus
-    backward passes over the base row's) and the measured ratio over that prediction
+    """The measured ratios, with what the passes predict (`passes`: the row's passes in
+    forward units, `PassCounter.work`, over the base row's) and the measured ratio over
+    that prediction
     (`/passes`: 1 when the extra cost is all in model passes; above 1 for work outside
     them, e.g. augmentation, per-parameter updates, host syncs)."""
     lines = [f"{'row':28s} {'s/epoch':>9s} {'vs ' + document['base']:>9s} {'passes':>7s} "

@@ -58,7 +58,8 @@ class RowProbe:
     def block(self) -> dict[str, int]:
         """Run the row's block; returns the forward and backward passes it counted."""
         trainer, state = self.trainer, self.state
-        before = (state.counter.forward, state.counter.backward)
+        counter = state.counter
+        before = (counter.forward, counter.backward, counter.input_backward)
         epochs = trainer.suite.train.epochs
         for phase in self.phases:
             state.epoch = min(epochs - 1, int(phase * epochs))
@@ -80,8 +81,8 @@ class RowProbe:
             import torch
 
             torch.cuda.synchronize(state.device)
-        return {"forward": state.counter.forward - before[0],
-                "backward": state.counter.backward - before[1]}
+        return {"forward": counter.forward - before[0], "backward": counter.backward - before[1],
+                "input_backward": counter.input_backward - before[2]}
 
 
 def serve(payload: dict) -> None:

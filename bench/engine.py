@@ -383,7 +383,8 @@ class Trainer:
                                "device": self.device.type, "compile": self.compile_mode},
             "optimizer": self.optimizer.state_dict(), "rng": rng, "best": best,
             "history": history, "seconds": seconds,
-            "passes": {"forward": state.counter.forward, "backward": state.counter.backward},
+            "passes": {"forward": state.counter.forward, "backward": state.counter.backward,
+                       "input_backward": state.counter.input_backward},
             "pretraining": self.pretraining,
         }
 
@@ -442,6 +443,7 @@ class Trainer:
         state.epoch, state.step = ckpt["epoch"], ckpt["step"]
         state.counter.forward = ckpt["passes"]["forward"]
         state.counter.backward = ckpt["passes"]["backward"]
+        state.counter.input_backward = ckpt["passes"].get("input_backward", 0)
         self.pretraining = list(ckpt.get("pretraining", []))
         return list(ckpt["history"]), dict(ckpt["best"]), float(ckpt["seconds"])
 

@@ -121,18 +121,31 @@ def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 @dataclass
 class PassCounter:
-    """Forward and backward passes over a batch, for the cost column."""
+    """Forward and backward passes over a batch, for the cost column. `backward` counts
+    every backward; `input_backward` those that compute input gradients only (the
+    attacks'), so `backward - input_backward` are the ones that also compute weight
+    gradients (training, weight perturbations, per-term gradients)."""
 
     forward: int = 0
     backward: int = 0
+    input_backward: int = 0
 
-    def add(self, fwd: int = 0, bwd: int = 0) -> None:
+    def add(self, fwd: int = 0, bwd: int = 0, input_bwd: int = 0) -> None:
+        """`bwd`: backwards with weight gradients; `input_bwd`: with input gradients only."""
         self.forward += fwd
-        self.backward += bwd
+        self.backward += bwd + input_bwd
+        self.input_backward += input_bwd
 
     def absorb(self, counter: dict) -> None:
+        """An attack's count (`attacks/pgd.py`): its backwards are input gradients only."""
         self.forward += counter.get("fwd", 0)
         self.backward += counter.get("bwd", 0)
+        self.input_backward += counter.get("bwd", 0)
+
+    def work(self) -> float:
+        """The passes in forward-pass units: a backward with input gradients only costs
+        about one forward, one that also computes weight gradients about two."""
+        return self.forward + self.input_backward + 2 * (self.backward - self.input_backward)
 
 
 @dataclass

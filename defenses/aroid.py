@@ -283,7 +283,7 @@ class AROID(Defense):
         model = state.model
         was_training = model.training
         model.eval()
-        before = state.counter.forward, state.counter.backward
+        before = state.counter.forward, state.counter.input_backward
         try:
             with torch.no_grad(), state.autocast():
                 ce_aug = F.cross_entropy(model(x_aug).float(), y, reduction="none")
@@ -294,8 +294,8 @@ class AROID(Defense):
                 ce_adv = F.cross_entropy(model(x_adv).float(), y, reduction="none")
         finally:
             model.train(was_training)
-        fwd, bwd = state.counter.forward - before[0], state.counter.backward - before[1]
-        state.counter.add(fwd=(batches - 1) * fwd + 2 * batches, bwd=(batches - 1) * bwd)
+        fwd, bwd = state.counter.forward - before[0], state.counter.input_backward - before[1]
+        state.counter.add(fwd=(batches - 1) * fwd + 2 * batches, input_bwd=(batches - 1) * bwd)
         return ce_adv - ce_aug
 
     def _affinity_loss(self, state: TrainState, x: torch.Tensor, y: torch.Tensor,

@@ -14,9 +14,10 @@ On PreActResNet-18 with the engine's GPU settings (bf16 autocast, channels_last)
    after its warm-up, CURE after its clean phase, AWP after its warm-up), from a fresh
    model. s/epoch is the timed seconds per step times the suite's batches per epoch.
    Per case: images/s, peak GPU memory, the warm-up's seconds (compilation included), the
-   forward and backward passes per step the engine counted, and, against PGD-AT in the
-   same mode, the measured cost ratio, the ratio the passes predict (forward + backward
-   passes) and the first over the second.
+   passes per step the engine counted, and, against PGD-AT in the same mode, the measured
+   cost ratio, the ratio the passes predict (their work in forward units: a forward 1, an
+   attack's input-gradient backward 1, a backward with weight gradients 2) and the first
+   over the second.
    Cases: `cifar10-linf` AT, AT+AWP, TRADES, AT+DOM-DA, TRADES+CURE, AT+AROID (a defense
    that asks for a clean model gets an untrained one: the weights do not change the work),
    `cifar10-fast` FGSM-RS, and AT in fp32.
@@ -151,7 +152,8 @@ def timed_steps(case: tuple, suite: Suite, splits, device: torch.device, folder:
         return time.perf_counter() - start
 
     warmup_seconds = run(warmup)
-    before = (state.counter.forward, state.counter.backward)
+    counter = state.counter
+    before = (counter.forward, counter.backward, counter.input_backward, counter.work())
     seconds = run(steps)
     per_step = seconds / steps
     return {
@@ -163,8 +165,10 @@ def timed_steps(case: tuple, suite: Suite, splits, device: torch.device, folder:
         "batches_per_epoch": state.batches_per_epoch,
         "images_per_second": suite.train.batch_size / per_step,
         "warmup_seconds": warmup_seconds, "peak_memory_mib": _peak_mib(device),
-        "forward_per_step": (state.counter.forward - before[0]) / steps,
-        "backward_per_step": (state.counter.backward - before[1]) / steps}
+        "forward_per_step": (counter.forward - before[0]) / steps,
+        "backward_per_step": (counter.backward - before[1]) / steps,
+        "input_backward_per_step": (counter.input_backward - before[2]) / steps,
+        "work_per_step": (counter.work() - before[3]) / steps}
 
 
 def _full_batches(trainer: Trainer, batch_size: int):
@@ -184,8 +188,7 @@ def add_ratios(rows: list[dict]) -> None:
         if ref is None or row["suite"] != ref["suite"]:
             continue
         row["cost_ratio"] = row["seconds_per_step"] / ref["seconds_per_step"]
-        row["passes_ratio"] = ((row["forward_per_step"] + row["backward_per_step"])
-                               / (ref["forward_per_step"] + ref["backward_per_step"]))
+        row["passes_ratio"] = row["work_per_step"] / ref["work_per_step"]
         row["cost_over_passes"] = row["cost_ratio"] / row["passes_ratio"]
 
 
@@ -243,7 +246,7 @@ def table(report: dict) -> str:
                      f"{full['images_per_second']:.0f} images/s, {full['steps']} steps, peak "
                      f"{full['peak_memory_mib']:.0f} MiB")
     lines.append(f"{'case':24s} {'mode':8s} {'s/epoch':>8s} {'img/s':>7s} {'warmup s':>8s} "
-                 f"{'MiB':>6s} {'fwd+bwd':>8s} {'vs AT':>6s} {'passes':>6s} {'/passes':>7s}")
+                 f"{'MiB':>6s} {'work':>6s} {'vs AT':>6s} {'passes':>6s} {'/passes':>7s}")
     for row in report["cases"]:
         ratios = (f"{row['cost_ratio']:6.2f} {row['passes_ratio']:6.2f} "
                   f"{row['cost_over_passes']:7.2f}" if "cost_ratio" in row
@@ -256,7 +259,7 @@ def table(report: dict) -> str:
         lines.append(f"{row['case']:24s} {row['mode']:8s} {row['seconds_per_epoch']:8.2f} "
                      f"{row['images_per_second']:7.0f} {row['warmup_seconds']:8.1f} "
                      f"{row['peak_memory_mib']:6.0f} "
-                     f"{row['forward_per_step'] + row['backward_per_step']:8.1f} {ratios}{mark}")
+                     f"{row['work_per_step']:6.1f} {ratios}{mark}")
     a, t = report.get("agreement"), report.get("throughput")
     if a:
         lines.append(f"bf16 vs fp32 on {a['images']} test images: clean "

@@ -158,6 +158,7 @@ def test_batched_update_equals_the_sequential_loop(tmp_path, smoke_suite, smoke_
     (old,), (new,) = old_trainer.defenses, new_trainer.defenses
     old_counts = old_state.counter.forward, old_state.counter.backward
     new_counts = new_state.counter.forward, new_state.counter.backward
+    new_inputs = new_state.counter.input_backward
     expected_logprob, expected_rewards = sequential_update(old, old_state)
     seen = []
     reinforce = aroid_module.reinforce_loss
@@ -189,6 +190,8 @@ def test_batched_update_equals_the_sequential_loop(tmp_path, smoke_suite, smoke_
             new_state.counter.backward - new_counts[1]) == (fwd, bwd)
     assert (old_state.counter.forward - old_counts[0],
             old_state.counter.backward - old_counts[1]) == (fwd, bwd)
+    # of the backwards, the attacks' t x steps compute input gradients only
+    assert new_state.counter.input_backward - new_inputs == t * steps
     assert new_state.attack_overrides_log == old_state.attack_overrides_log
 
 

@@ -52,22 +52,29 @@ def test_ratios_are_medians_of_per_round_ratios_with_the_clean_model_charged():
 def test_passes_predict_a_ratio_with_the_clean_model_charged():
     suite = load_suite("smoke")
     # passes of one block (AT, AT+AWP, TRADES, TRADES+CURE, standard), as the probe counts
-    passes = [{"forward": 40, "backward": 40}, {"forward": 50, "backward": 50},
-              {"forward": 50, "backward": 40}, {"forward": 70, "backward": 50},
-              {"forward": 10, "backward": 10}]
+    # them; input_backward: the attacks' backwards (input gradients only)
+    passes = [{"forward": 40, "backward": 40, "input_backward": 30},
+              {"forward": 50, "backward": 50, "input_backward": 30},
+              {"forward": 50, "backward": 40, "input_backward": 30},
+              {"forward": 70, "backward": 50, "input_backward": 30},
+              {"forward": 10, "backward": 10, "input_backward": 0}]
     info = {"batches_per_epoch": 10, "steps": 5, "phases": 2, "clean_model_rows": [3],
             "clean_model_epochs": {"3": 1}, "defense_params": [{}, {}, {}, {}],
             "device": "cpu", "threads": 1, "passes": passes}
     blocks = [[1.0, 1.5, 1.2, 2.0, 0.5], [1.0, 1.5, 1.2, 2.0, 0.5]]
     rows = {r["row"]: r for r in cost_document(suite, _specs(), blocks, info, 2)["rows"]}
-    assert rows["AT"]["passes_per_epoch"] == {"forward": 40.0, "backward": 40.0}
-    assert rows["AT+AWP"]["passes_ratio"] == pytest.approx(100 / 80)
-    assert rows["AT+AWP"]["cost_over_passes"] == pytest.approx(1.5 / 1.25)
-    assert rows["TRADES"]["passes_ratio"] == pytest.approx(90 / 80)
+    assert rows["AT"]["passes_per_epoch"] == {"forward": 40.0, "backward": 40.0,
+                                              "input_backward": 30.0}
+    # work in forward units: forward + input backward + 2 x weight backward
+    at = 40 + 30 + 2 * 10
+    assert rows["AT+AWP"]["passes_ratio"] == pytest.approx((50 + 30 + 2 * 20) / at)
+    assert rows["AT+AWP"]["cost_over_passes"] == pytest.approx(1.5 / (120 / at))
+    assert rows["TRADES"]["passes_ratio"] == pytest.approx((50 + 30 + 2 * 10) / at)
     clean = 1 / suite.train.epochs  # the clean model's epochs over the run's
-    assert rows["TRADES+CURE"]["passes_ratio"] == pytest.approx((120 + 20 * clean) / 80)
+    cure = 70 + 30 + 2 * 20 + (10 + 2 * 10) * clean
+    assert rows["TRADES+CURE"]["passes_ratio"] == pytest.approx(cure / at)
     assert rows["TRADES+CURE"]["cost_over_passes"] == pytest.approx(
-        (2.0 + 0.5 * clean) / ((120 + 20 * clean) / 80))
+        (2.0 + 0.5 * clean) / (cure / at))
 
 
 def test_the_base_is_the_plain_method_first_in_the_leaderboards_order():
@@ -112,10 +119,11 @@ def test_the_launcher_times_the_rows_and_a_defense_cannot_fake_its_cost(tmp_path
     sleepy = rows["AT+Sleepy"]
     assert sleepy["per_round"][0] > 1.44 * (doc["batches_per_epoch"] / 3 / 4) * 0.99
     assert min(sleepy["ratio_per_round"]) > 2
-    # the passes the engine counted: AT runs attack_steps + 1 forwards and backwards per
-    # step; AWP adds one of each (the weight perturbation's); Sleepy adds none
+    # the passes the engine counted, in forward units: AT runs attack_steps forwards and
+    # input-gradient backwards per step, then a training forward and a weight backward
+    # (2); AWP adds a forward and a weight backward; Sleepy adds nothing
     steps = load_suite("smoke").train.attack_steps
-    assert rows["AT+AWP"]["passes_ratio"] == pytest.approx((2 * steps + 4) / (2 * steps + 2))
+    assert rows["AT+AWP"]["passes_ratio"] == pytest.approx((2 * steps + 6) / (2 * steps + 3))
     assert rows["AT+Sleepy"]["passes_ratio"] == 1.0
     assert sleepy["cost_over_passes"] == sleepy["ratio"]
     assert "AT+Sleepy" in done.stdout and "written:" in done.stdout

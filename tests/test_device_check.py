@@ -49,15 +49,19 @@ def test_the_tiny_device_check_runs_every_case_and_writes_its_report(tmp_path):
     # forward in the loss; FGSM-RS one attack step
     at = rows[("AT", "eager")]
     assert (at["forward_per_step"], at["backward_per_step"]) == (k + 1, k + 1)
+    # k input-gradient backwards (the attack's): work k + 1 forwards, k + 2 for the backwards
+    assert at["input_backward_per_step"] == k and at["work_per_step"] == 2 * k + 3
     assert at["cost_ratio"] == 1.0 and at["passes_ratio"] == 1.0
     compiled = rows[("AT", "compiled")]  # its ratios are against compiled AT: itself
     assert compiled["compile_mode"] == "default" and compiled["cost_ratio"] == 1.0
     assert (compiled["forward_per_step"], compiled["backward_per_step"]) == (k + 1, k + 1)
     awp = rows[("AT+AWP", "eager")]
     assert (awp["forward_per_step"], awp["backward_per_step"]) == (k + 2, k + 2)
-    assert awp["passes_ratio"] == (2 * k + 4) / (2 * k + 2)
+    assert awp["input_backward_per_step"] == k
+    assert awp["passes_ratio"] == (2 * k + 6) / (2 * k + 3)
     trades = rows[("TRADES", "eager")]
     assert (trades["forward_per_step"], trades["backward_per_step"]) == (k + 3, k + 1)
+    assert trades["passes_ratio"] == (2 * k + 5) / (2 * k + 3)
     fgsm = rows[("FGSM-RS (cifar10-fast)", "eager")]
     assert (fgsm["forward_per_step"], fgsm["backward_per_step"]) == (2, 2)
     # timed at 75% of training, where DOM-DA and CURE are active: more passes than AT
