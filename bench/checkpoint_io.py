@@ -134,6 +134,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._what = ""
+        self._where = ""
         # CPU seconds the writer thread has spent (counted once a write ends): the engine
         # takes them out of the process CPU time it reports for training
         self.cpu_seconds = 0.0
@@ -141,14 +142,22 @@ class CheckpointWriter:
         self._pool: dict[tuple[int, bool], list[torch.Tensor]] = {}  # free after a write
 
     def submit(self, payload: dict, paths: Iterable[Path], then: Callable[[], None] | None = None,
-               what: str = "the checkpoint") -> None:
+               what: str = "the checkpoint", background: bool = True) -> None:
         """Wait for the previous write (raising its failure), snapshot `payload` now, and
-        write it to each of `paths` in order, then call `then`, in the background."""
+        write it to each of `paths` in order, then call `then`, in the background. With
+        `background=False` the same is done at once on this thread, from the payload
+        itself (nothing trains meanwhile, so no snapshot is needed), and a failure is
+        raised here."""
         self.wait()
-        data, events, self._buffers = snapshot(payload, self._pool)
-        self._pool = {}  # what the snapshot did not take is freed
         paths = [Path(p) for p in paths]
         self._what = f"{what} ({', '.join(str(p) for p in paths)})"
+        self._where = " in the background writer" if background else ""
+        if not background:
+            self._write(payload, [], paths, then)
+            self.wait()
+            return
+        data, events, self._buffers = snapshot(payload, self._pool)
+        self._pool = {}  # what the snapshot did not take is freed
         self._thread = threading.Thread(target=self._write, args=(data, events, paths, then),
                                         name="checkpoint-writer")
         self._thread.start()  # not a daemon: the interpreter waits for it at exit
@@ -194,7 +203,7 @@ class CheckpointWriter:
         failure, self._failure = self._failure, None
         if failure is not None:
             raise CheckpointWriteError(
-                f"writing {self._what} failed in the background writer: "
+                f"writing {self._what} failed{self._where}: "
                 f"{type(failure).__name__}: {failure}; the files it did not replace keep "
                 "their previous contents. Fix the cause (e.g. free disk space), then run "
                 "the same command again to resume from the last checkpoint on disk"

@@ -538,9 +538,9 @@ class Trainer:
                           + [self.run_dir / "last.pt"],
                           then=functools.partial(write_history, self.run_dir / "history.jsonl",
                                                  list(history)),
-                          what=f"the checkpoint after epoch {state.epoch}")
-            if self.device.type not in self.background_checkpoints_on:
-                writer.wait()  # on disk before the next epoch starts
+                          what=f"the checkpoint after epoch {state.epoch}",
+                          # elsewhere on disk before the next epoch starts
+                          background=self.device.type in self.background_checkpoints_on)
             if bar is not None:
                 fgsm = {} if val.fgsm is None else {"val_fgsm": f"{val.fgsm:.3f}"}
                 bar.set_postfix(val_rob=f"{val.robust:.3f}", train_rob=f"{trn.robust:.3f}",

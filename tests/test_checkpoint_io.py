@@ -258,3 +258,14 @@ def test_on_the_cpu_each_checkpoint_is_on_disk_before_the_next_epoch(
     train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits,
           instances=[LooksForLastEpoch()])
     assert LooksForLastEpoch.seen == [0, 1, 2]
+
+
+def test_a_failed_write_on_the_cpu_stops_training_at_once(tmp_path, smoke_suite, smoke_splits,
+                                                          monkeypatch):
+    monkeypatch.setattr(Trainer, "background_checkpoints_on", ("cuda",))
+    _failing_second_write(monkeypatch)
+    with pytest.raises(CheckpointWriteError, match=r"writing the checkpoint after epoch 2 "
+                       r"\(.*last\.pt\) failed: OSError: .*No space left on device"):
+        train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert len(read_history(tmp_path / "history.jsonl")) == 1
