@@ -69,15 +69,16 @@ def atomic_torch_save(payload: dict, path: Path) -> None:
     _atomic_write(path, lambda h: torch.save(payload, h))
 
 
-def serialise_checkpoint(payload: dict) -> bytes:
+def serialise_checkpoint(payload: dict) -> memoryview:
     """The bytes `atomic_torch_save` writes for `payload` (torch.save into memory), so that
-    one serialisation can be written to several files."""
+    one serialisation can be written to several files: a view of the buffer (no copy of
+    a checkpoint's hundreds of megabytes)."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    return buffer.getvalue()
+    return buffer.getbuffer()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to `path` atomically (temporary file, fsync, rename)."""
     _atomic_write(path, lambda h: h.write(data))
 

@@ -246,13 +246,13 @@ def test_on_the_cpu_each_checkpoint_is_on_disk_before_the_next_epoch(
     """A process killed at any point of epoch k + 1 resumes from epoch k (no write overlaps
     training on the CPU)."""
     monkeypatch.setattr(Trainer, "background_checkpoints_on", ("cuda",))
-    original = checkpoint_io.atomic_write_bytes
+    original = checkpoint_io.atomic_torch_save
 
-    def slow_write(path, data):  # a background write would still be in flight
+    def slow_write(data, path):  # a background write would still be in flight
         time.sleep(0.3)
-        original(path, data)
+        original(data, path)
 
-    monkeypatch.setattr(checkpoint_io, "atomic_write_bytes", slow_write)
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", slow_write)
     state_dir[:] = [tmp_path]
     LooksForLastEpoch.seen = []
     train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits,
@@ -263,7 +263,16 @@ def test_on_the_cpu_each_checkpoint_is_on_disk_before_the_next_epoch(
 def test_a_failed_write_on_the_cpu_stops_training_at_once(tmp_path, smoke_suite, smoke_splits,
                                                           monkeypatch):
     monkeypatch.setattr(Trainer, "background_checkpoints_on", ("cuda",))
-    _failing_second_write(monkeypatch)
+    original = checkpoint_io.atomic_torch_save
+    writes = []
+
+    def write(data, path):  # the second last.pt fails
+        writes.append(path.name)
+        if writes.count("last.pt") == 2 and path.name == "last.pt":
+            raise OSError(28, "No space left on device")
+        original(data, path)
+
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", write)
     with pytest.raises(CheckpointWriteError, match=r"writing the checkpoint after epoch 2 "
                        r"\(.*last\.pt\) failed: OSError: .*No space left on device"):
         train(tmp_path, with_train(smoke_suite, epochs=3), smoke_splits)
