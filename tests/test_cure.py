@@ -638,7 +638,10 @@ def per_tensor_update_mask(score: torch.Tensor, percent: float) -> torch.Tensor:
     return (~conserve).view(score.shape)
 
 
-def test_batched_masks_equal_the_per_tensor_selection_bit_for_bit():
+@pytest.mark.parametrize("method", ["sort", "select"])
+def test_batched_masks_equal_the_per_tensor_selection_bit_for_bit(method):
+    """Both ways (the one sort of the GPU default, the per-tensor selection of the CPU
+    default) against the selection written out here."""
     gen = torch.Generator().manual_seed(5)
     for trial in range(40):
         shapes = [(int(torch.randint(1, 5, (1,), generator=gen)), 3, 2, 2), (7,), (1,),
@@ -655,18 +658,20 @@ def test_batched_masks_equal_the_per_tensor_selection_bit_for_bit():
             scores.append(t)
         percent = [0.0, 100.0, 37.5, 50.0][trial % 4] if trial < 8 else float(
             torch.rand((), generator=gen) * 100)
-        layout = ConserveLayout([t.shape for t in scores], percent, CPU)
+        layout = ConserveLayout([t.shape for t in scores], percent, CPU, method)
         conserved = layout.split(layout.conserved(flat_logical(scores)))
         for t, got in zip(scores, conserved, strict=True):
             assert torch.equal(~got, per_tensor_update_mask(t, percent)), (trial, t.shape)
             assert torch.equal(update_mask(t, percent), per_tensor_update_mask(t, percent))
 
 
-def test_batched_masks_by_hand_with_ties_and_signed_zeros():
+@pytest.mark.parametrize("method", ["sort", "select"])
+def test_batched_masks_by_hand_with_ties_and_signed_zeros(method):
     a = torch.tensor([3.0, 1.0, 1.0, 2.0, 1.0])  # 40%: k = 2, the first two of three 1s
     b = torch.tensor([0.0, -0.0, -1.0, 0.0])  # 50%: k = 2, -1, then the first zero
     c = torch.tensor([[5.0, -5.0], [0.5, 0.5]])  # 40% of 4 = 1.6 -> k = 2: -5 and 0.5 (first)
-    layout = ConserveLayout([a.shape, b.shape, c.shape], 40.0, CPU)
+    layout = ConserveLayout([a.shape, b.shape, c.shape], 40.0, CPU, method)
+    assert layout.method == method and ConserveLayout([a.shape], 40.0, CPU).method == "select"
     assert [conserved_count(40.0, n) for n in (5, 4, 4)] == [2, 2, 2]
     got = layout.split(layout.conserved(flat_logical([a, b, c])))
     assert got[0].tolist() == [False, True, True, False, False]
