@@ -14,8 +14,8 @@ network is the CPU suites' option `backbone="suite"`, the same small CNN):
    launches for everything but the draws.
 3. `test_aroid_step_cost_vs_at_passes`: AT+AROID against AT, blocks of K = 5 engine steps
    (one policy update each), alternating; the measured ratio against what the passes
-   predict (forward + backward passes over AT's, from `state.counter`, as `robench cost`
-   counts them). Target: measured / predicted <= 1.5 (`extra_info["over_passes"]`).
+   predict (their work in forward units over AT's, `state.counter.work()`, as `robench
+   cost` counts them). Target: measured / predicted <= 1.5 (`extra_info["over_passes"]`).
 
 Run: `python -m pytest tests/benchmarks/test_bench_aroid.py -s` (threads:
 `ROBENCH_BENCH_THREADS`, default 2; `ROBENCH_BENCH_AROID_BATCH` shrinks the batch for a quick
@@ -199,11 +199,11 @@ def test_aroid_step_cost_vs_at_passes(benchmark, case, tmp_path):
 
         def run() -> None:  # K steps from a multiple of K: exactly one policy update
             state.step -= state.step % k
-            before = state.counter.forward + state.counter.backward
+            before = state.counter.work()
             for _ in range(k):
                 step()
                 state.step += 1
-            passes[name] = state.counter.forward + state.counter.backward - before
+            passes[name] = state.counter.work() - before
         return run
 
     t_at, t_aroid = _time_pair(block(at, at_state, "at"),

@@ -12,7 +12,8 @@ Every step is a CURE step (`clean_fraction = 0`: no clean phase), so the per-epo
 is the per-step ratio (with the default clean phase, 40% of the epochs cost what standard
 training costs). Printed and stored in `benchmark.extra_info`: seconds per step of each
 side, the ratios CURE / TRADES (new and old), the ratio that the passes predict (from
-`state.counter`, a backward counted as two forwards), their quotient (the issue's target:
+`state.counter.work()`: a forward 1, an input-gradient backward 1, a weight-gradient
+backward 2, as `robench cost`), their quotient (the issue's target:
 <= 1.5), and the seconds of the conserve + revise hooks alone (new and old).
 
 Run: `python -m pytest tests/benchmarks/test_bench_cure.py -s` (threads:
@@ -123,17 +124,18 @@ def _stepper(trainer: Trainer, state):
     """One training step on the next batch (cycling); returns the passes it counted."""
     batches = iter(trainer.loader)
 
-    def step() -> tuple[int, int]:
+    def step() -> tuple[int, int, float]:
         nonlocal batches
         try:
             x, y, index = next(batches)
         except StopIteration:
             batches = iter(trainer.loader)
             x, y, index = next(batches)
-        fwd, bwd = state.counter.forward, state.counter.backward
+        c = state.counter
+        fwd, bwd, work = c.forward, c.backward, c.work()
         trainer.train_step(state, x, y, index)
         state.step += 1
-        return state.counter.forward - fwd, state.counter.backward - bwd
+        return c.forward - fwd, c.backward - bwd, c.work() - work
 
     return step
 
@@ -161,10 +163,10 @@ def test_trades_cure_step_vs_trades(benchmark, case, tmp_path):
     new = _trainer(model_cfg, batch, n, tmp_path / "new", CURE(**params))
     old = _trainer(model_cfg, batch, n, tmp_path / "old", OldCURE(**params))
     steps = [_stepper(*plain), _stepper(*new), _stepper(*old)]
-    fwd_t, bwd_t = steps[0]()
-    fwd_c, bwd_c = steps[1]()
-    assert steps[2]() == (fwd_c, bwd_c)
-    predicted = (fwd_c + 2 * bwd_c) / (fwd_t + 2 * bwd_t)
+    fwd_t, bwd_t, work_t = steps[0]()
+    fwd_c, bwd_c, work_c = steps[1]()
+    assert steps[2]() == (fwd_c, bwd_c, work_c)
+    predicted = work_c / work_t  # forward units, as `robench cost` (PassCounter.work)
 
     repeats = 3 if "tiny" not in case else 2
     t_trades, t_new, t_old = _time_alternating(steps, repeats)

@@ -5,7 +5,8 @@ with the batched transforms (defenses/_dom_da_ops.py) and AT+DOM-DA with the pre
 image with per_image), measured alternately in the same run.
 
 The "predicted by passes" figure is the ratio of the passes the engine counts
-(state.counter) per block, a backward weighted as two forwards: DOM-DA adds the natural
+(`state.counter.work()`, in forward units: a forward 1, an attack's input-gradient backward
+1, a weight-gradient backward 2, as `robench cost`) per block: DOM-DA adds the natural
 forward of the batch and one forward of the still-flagged sub-batch per round but the
 last (counted as whole passes, so the prediction is an upper bound for them). tau is the
 median natural loss of the first batch, so about half of each batch is flagged.
@@ -68,10 +69,10 @@ def block_runner(model_cfg, batch: int, n: int, tmp_path, steps: int,
     step = engine_stepper(trainer, state)
 
     def run() -> float:
-        before = state.counter.forward + 2 * state.counter.backward
+        before = state.counter.work()
         for _ in range(steps):
             step()
-        return state.counter.forward + 2 * state.counter.backward - before
+        return state.counter.work() - before
 
     return run
 
