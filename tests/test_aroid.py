@@ -652,3 +652,11 @@ def test_reward_chunk_is_not_a_parameter_of_the_run(monkeypatch):
     monkeypatch.setenv("ROBENCH_AROID_REWARD_CHUNK", "3")
     aroid = AROID()
     assert aroid.reward_chunk == 3 and "reward_chunk" not in aroid.hparams
+
+
+def test_reward_chunk_defaults_to_the_device():
+    from defenses.aroid import reward_chunk_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert reward_chunk_for(cpu, None, 8) == 1 and reward_chunk_for(cuda, None, 8) == 8
+    assert reward_chunk_for(cpu, 0, 8) == 8 and reward_chunk_for(cuda, 3, 8) == 3
