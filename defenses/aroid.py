@@ -30,10 +30,11 @@ Engine-specific choices:
   others). r_vul uses the current training eps.
 - The T trajectories are scored as ONE batch of T x N images (the reference loops over
   them, T attacks of N images): their actions and residual draws are taken one trajectory
-  after another, exactly the numbers the loop draws, then one augmentation and one forward
-  per reward model on the T N batch, and the reward attack on all T at once on a GPU, one
-  trajectory at a time on the CPU (faster there), or ROBENCH_AROID_REWARD_CHUNK at a time. Everything there is in eval mode, so on CPU the rewards equal
-  the loop's bit for bit (tests/test_aroid_batched.py); passes are counted per batch of N.
+  after another, exactly the numbers the loop draws, then one augmentation of the T N
+  batch, and the reward attack and forwards on all T at once on a GPU, one trajectory at
+  a time on the CPU (faster there), or ROBENCH_AROID_REWARD_CHUNK at a time. Everything
+  there is in eval mode, so on CPU the rewards equal the loop's bit for bit
+  (tests/test_aroid_batched.py); passes are counted per batch of N.
 - Sampling is an inverse CDF on the defense's own stream, which also draws what is left
   random within a class (CropShift's split and offsets, signs, erased boxes).
 - The diversity penalty is the reference code's (`_aroid_policy.py`): one pooled count
@@ -315,8 +316,11 @@ class AROID(Defense):
                        batches: int = 1) -> torch.Tensor:
         """CE of the affinity model (eval mode) per image; counts `batches` forwards."""
         assert self.affinity is not None
+        per = reward_chunk_for(x.device, self.reward_chunk, batches) * (x.shape[0] // batches)
         with torch.no_grad(), state.autocast():
-            ce = F.cross_entropy(self.affinity.eval()(x).float(), y, reduction="none")
+            ce = torch.cat([F.cross_entropy(self.affinity.eval()(part).float(), labels,
+                                            reduction="none")
+                            for part, labels in zip(x.split(per), y.split(per), strict=True)])
         state.counter.add(fwd=batches)
         return ce
 
