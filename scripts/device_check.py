@@ -3,6 +3,7 @@ each defense cost on it.
 
     python scripts/device_check.py                      # the GPU check (one H100: ~6-9 min)
     python scripts/device_check.py --compiled at        # compile only PGD-AT (shorter)
+    python scripts/device_check.py --synthetic          # no CIFAR-10 on the machine
     python scripts/device_check.py --tiny --device cpu  # the same code on the smoke suite
 
 On PreActResNet-18 with the engine's GPU settings (bf16 autocast, channels_last):
@@ -54,7 +55,7 @@ from attacks.autoattack import run_autoattack  # noqa: E402
 from attacks.pgd import pgd  # noqa: E402
 from bench.config import RunSpec, Suite, load_suite, parse_defense_arg  # noqa: E402
 from bench.curves import pick_device  # noqa: E402
-from bench.data import build_splits  # noqa: E402
+from bench.data import ArraySplit, DatasetInfo, Splits, build_splits  # noqa: E402
 from bench.engine import Trainer  # noqa: E402
 
 # (label, suite, method, defenses, bf16); the first is the base of the cost ratios
@@ -106,6 +107,35 @@ def _trainer(suite: Suite, method: str, defenses: tuple[str, ...], bf16: bool, s
         trainer.guard.call(defense, "setup", state)
     state.clean_model = None
     return trainer, state
+
+
+def synthetic_splits(suite: Suite) -> Splits:
+    """Random uint8 images and labels shaped as the suite's data (CIFAR-10 when its sizes
+    are 0: 49,000 training images, 1,000 validation, 10,000 test), for timing a machine
+    that cannot read the dataset; fixed seed."""
+    d = suite.data
+    channels, side, classes = (1, 28, 10) if "mnist" in d.dataset else (3, 32, 10)
+    val = d.val_size or 1000
+    train = d.train_size or 50_000 - val
+    test = d.test_size or 10_000
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int, start: int) -> ArraySplit:
+        return ArraySplit(torch.randint(0, 256, (n, channels, side, side), generator=gen,
+                                        dtype=torch.uint8),
+                          torch.randint(0, classes, (n,), generator=gen),
+                          torch.arange(start, start + n))
+
+    info = DatasetInfo(f"synthetic {d.dataset}", classes, channels, side,
+                       (0.5,) * channels, (0.25,) * channels)
+    train_split, val_split = split(train, 0), split(val, train)
+    curve = suite.curves.size
+
+    def head(s: ArraySplit, n: int) -> ArraySplit:
+        return ArraySplit(s.x[:n], s.y[:n], s.index[:n])
+
+    return Splits(info, train_split, val_split, split(test, 0), head(train_split, curve),
+                  head(val_split, curve))
 
 
 def full_epoch(suite: Suite, splits, device: torch.device, folder: Path):
@@ -228,7 +258,8 @@ def throughput(model, x, y, suite: Suite, device: torch.device, aa_images: int) 
     version = suite.eval.autoattack if suite.eval.autoattack != "none" else "apgd"
     n = min(aa_images, len(y))
     start = time.perf_counter()
-    result = run_autoattack(model, x[:n], y[:n], eps=eps, version=version,
+    # NCHW, as the evaluator hands it over (the official code views gradients as N x -1)
+    result = run_autoattack(model, x[:n].contiguous(), y[:n], eps=eps, version=version,
                             batch_size=suite.eval.batch_size, device=device)
     _sync(device)
     aa_seconds = time.perf_counter() - start
@@ -291,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which bf16 cases also run compiled (default all)")
     parser.add_argument("--compile-mode", default="default",
                         help="the engine's --compile mode for the compiled cases")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random CIFAR-shaped images and labels of the suites' sizes instead "
+                        "of CIFAR-10 (a machine without the data: the timings are the same, "
+                        "the accuracies meaningless)")
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="device_check.json")
     args = parser.parse_args(argv)
@@ -307,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or "cpu"),
-        "torch": torch.__version__, "tiny": args.tiny, "steps": steps, "warmup": warmup,
+        "torch": torch.__version__, "tiny": args.tiny, "synthetic": args.synthetic,
+        "steps": steps, "warmup": warmup,
         "phase": PHASE, "cases": []}
     out = Path(args.out)
 
@@ -321,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite("smoke" if args.tiny else name)
         key = repr(suite.data)  # cifar10-linf and cifar10-fast share their data
         if key not in splits_cache:
-            splits_cache[key] = build_splits(suite.data, args.data_root, suite.curves.size,
-                                             with_test=True)
+            splits_cache[key] = (synthetic_splits(suite) if args.synthetic else build_splits(
+                suite.data, args.data_root, suite.curves.size, with_test=True))
         return suite, splits_cache[key]
 
     runs = [(case, None) for case in CASES]

@@ -84,3 +84,18 @@ def test_without_a_gpu_the_full_check_says_what_to_do(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == ("device_check: error: no CUDA device; use --tiny for the "
                                    "CPU check")
+
+
+def test_synthetic_data_of_three_channels_runs_every_step(tmp_path):
+    """--synthetic: random CIFAR-shaped images (3 channels: channels_last differs from NCHW,
+    so AutoAttack must get the evaluator's NCHW batch)."""
+    out = tmp_path / "device_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), "--tiny",
+                           "--device", "cpu", "--out", str(out), "--aa-images", "8",
+                           "--compiled", "none", "--synthetic", "--steps", "1",
+                           "--warmup", "0"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["synthetic"] and report["throughput"]["autoattack_images"] == 8
+    assert report["full_epoch"]["images"] == 256 and len(report["cases"]) == 8  # smoke sizes
