@@ -25,9 +25,9 @@ the original's weights.
 - Static shapes (`dynamic=False`): each batch size gets its own graph. The last batch of
   an epoch is smaller unless the suite sets `drop_last`: one more compilation per graph.
   Graphs also differ by BatchNorm mode (train or eval while attacking), by grad mode and
-  by `requires_grad` (attack vs training loss): a few graphs per run. A defense whose
-  batches change size every step would go past torch's recompile limit, after which the
-  new shapes run eager (correct, not faster).
+  by `requires_grad` (attack vs training loss): a few graphs per run (torch's recompile
+  limit is raised to RECOMPILE_LIMIT). A defense whose batches change size every step
+  would go past it, after which the new shapes run eager (correct, not faster).
 - Modes: `default`, `max-autotune-no-cudagraphs`, `max-autotune` and `reduce-overhead`
   (CUDA graphs; on the CPU, torch ignores the CUDA-graph part). With CUDA graphs the
   engine marks the start of each training step (`cudagraph_mark_step_begin`).
@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the command line import
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+RECOMPILE_LIMIT = 32
 
 __all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "add_compile_argument", "compile_mode",
            "compile_model", "frozen_parameters"]
@@ -80,7 +81,13 @@ def compile_model(model: nn.Module, mode: str,
     which traces forward and backward like inductor but runs them eagerly: fast to build);
     the mode applies to inductor only."""
     import torch
+    import torch._dynamo.config
 
+    # graphs per compiled function: batch sizes (the last batch, a defense's reward batch)
+    # x BatchNorm mode x grad mode; torch's default of 8 is within reach of one run, past
+    # it new shapes run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
     if backend == "inductor":
         return torch.compile(model, mode=mode, dynamic=False)
     return torch.compile(model, backend=backend, dynamic=False)

@@ -117,7 +117,12 @@ from bench.records import (
     write_history,
     write_json_atomic,
 )
-from bench.state import TrainState, preserved_bn_stats, preserved_global_rng
+from bench.state import (
+    TrainState,
+    fixed_convolution_algorithms,
+    preserved_bn_stats,
+    preserved_global_rng,
+)
 from defenses.base import Defense
 from defenses.registry import build_defenses
 
@@ -509,11 +514,8 @@ class Trainer:
                                  - (writer.cpu_seconds - writer_cpu_start))
             curve_start = time.perf_counter()
             curve_model = self._curve_copy()
-            val = curve_point(curve_model, *self.val_curve, self.suite,
-                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype,
-                              fgsm=self.suite.curves.fgsm)
-            trn = curve_point(curve_model, *self.train_curve, self.suite,
-                              derive_seed(self.spec.seed, "curves"), self.autocast_dtype)
+            with fixed_convolution_algorithms():  # as the evaluator's recheck
+                val, trn = self._curves(curve_model)
             curve_seconds = time.perf_counter() - curve_start
             state.epoch += 1
             seconds += train_seconds
@@ -547,6 +549,14 @@ class Trainer:
                                 **fgsm, best=best["epoch"])
                 bar.update(1)
         return best["epoch"]
+
+    def _curves(self, model: nn.Module):
+        """This epoch's validation and training curve points (`bench/curves.py`)."""
+        seed = derive_seed(self.spec.seed, "curves")
+        val = curve_point(model, *self.val_curve, self.suite, seed, self.autocast_dtype,
+                          fgsm=self.suite.curves.fgsm)
+        trn = curve_point(model, *self.train_curve, self.suite, seed, self.autocast_dtype)
+        return val, trn
 
     def _train_epoch(self, state: TrainState) -> dict[str, float]:
         self.model.train()
@@ -624,6 +634,8 @@ class Trainer:
             for defense in self.defenses:
                 self.guard.call(defense, "after_backward", state)
             optimizer.step()
+        if self.compile_mode in CUDAGRAPH_MODES:  # a later replay may reuse its memory
+            state.logits = state.logits.detach().clone()
         for defense in self.defenses:
             self.guard.call(defense, "after_step", state)
         return loss

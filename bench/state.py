@@ -110,6 +110,20 @@ def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Itera
         yield
 
 
+@contextlib.contextmanager
+def fixed_convolution_algorithms() -> Iterator[None]:
+    """cuDNN's default algorithm choice inside, autotuning (`cudnn.benchmark`, which the
+    engine turns on for CUDA training) off: for inputs whose shape changes from call to
+    call, where autotuning would time every convolution again for each new shape, and for
+    the validation curves (the evaluator does not autotune). Restored on exit."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def kernel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Conv and linear kernels: parameters with more than one dimension whose
     name ends in `weight` (what weight-perturbation defenses perturb)."""

@@ -221,8 +221,9 @@ def revision_decay(mode: str, decay: float, step: int) -> float:
 @torch.no_grad()
 def revise_(revision: nn.Module, model: nn.Module, decay: float, gate: torch.Tensor) -> None:
     """theta_rev <- decay * theta_rev + (1 - decay) * theta for the parameters (buffers are
-    left alone) where the boolean scalar `gate` is True; unchanged where False. The gate is
-    folded into the two weights (decay, 1 - decay where on; 1, 0 where off), so three
+    left alone) where the boolean scalar `gate` is True; unchanged where False (for finite
+    weights: the update is r * 1 + p * 0 then, which also turns a -0.0 into +0.0). The gate
+    is folded into the two weights (decay, 1 - decay where on; 1, 0 where off), so three
     foreach operations cover all parameters and nothing is read back to the host; where on,
     the values are those of `r * decay + p * (1 - decay)` bit for bit."""
     rev = list(revision.parameters())

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms.functional import convert_image_dtype
 
 from bench.config import ConfigError
-from bench.state import TrainState, seeded_global_rng
+from bench.state import TrainState, fixed_convolution_algorithms, seeded_global_rng
 from defenses._dom_da_ops import BatchedAugment
 from defenses.base import DefenseCard, register_defense
 from defenses.card import BEST_NOT_STATED, FULL_TRAIN, row
@@ -172,6 +172,10 @@ class DomDA(_DOM):
         assert self.beta is not None and self.rounds is not None, "setup() not called"
         if self.static_shapes:
             return self.distract_static(state, flagged)
+        with fixed_convolution_algorithms():  # a new sub-batch size nearly every round
+            return self._distract_sub_batches(state, flagged)
+
+    def _distract_sub_batches(self, state: TrainState, flagged: torch.Tensor) -> torch.Tensor:
         x, y = state.x.clone(), state.y
         idx = flagged.nonzero().squeeze(1)
         for n in range(1, self.rounds + 1):

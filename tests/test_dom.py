@@ -401,3 +401,33 @@ def test_bad_parameters_are_refused(cls, kwargs, message):
 def test_unknown_parameters_are_refused(smoke_suite):
     with pytest.raises(ConfigError, match=r"no parameter\(s\) \['gamma'\].*'tau'"):
         build_defenses((spec("dom_da", gamma=2),), "at", smoke_suite)
+
+
+class RecordsAutotuning(MeanBrightness):
+    """MeanBrightness that notes cuDNN's autotuning flag at each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.autotuning: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autotuning.append(torch.backends.cudnn.benchmark)
+        return super().forward(x)
+
+
+def test_da_sub_batches_run_without_cudnn_autotuning(smoke_suite, monkeypatch):
+    """The flagged sub-batch changes size every round: cuDNN autotuning (on for CUDA
+    training) would time every convolution again for each size. The whole-batch natural
+    forward keeps it; the rounds run without it; it is on again afterwards."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    levels = torch.tensor([153, 77, 26, 0], dtype=torch.uint8)
+    x = (levels[:, None, None, None].expand(4, 3, 4, 4).float() / 255).contiguous(
+        memory_format=torch.channels_last)
+    model = RecordsAutotuning()
+    state = hand_state(smoke_suite, model, x, torch.zeros(4, dtype=torch.long))
+    da = DomDA(tau=1.0, warmup=0.0, beta=0.5, rounds=3)
+    da.bind_random_stream(0, CPU)
+    da.augment_uint8 = brighten  # type: ignore[method-assign]
+    da.before_attack(state)
+    assert model.autotuning == [True, False, False]  # the batch, then rounds 1 and 2
+    assert torch.backends.cudnn.benchmark is True

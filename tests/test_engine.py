@@ -440,3 +440,22 @@ def test_cudnn_autotuning_is_on_for_cuda_training_only():
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def test_curves_run_without_cudnn_autotuning(tmp_path, smoke_suite, smoke_splits, monkeypatch):
+    """The evaluator's recheck of the curves does not autotune: neither do the curves."""
+    import bench.engine as engine_module
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+    original = engine_module.curve_point
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "curve_point", spy)
+    spec = RunSpec(smoke_suite.name, "at", (), 0)
+    Trainer(spec, smoke_suite, smoke_splits, tmp_path, progress=False).train(
+        stop_after_epochs=1)
+    assert seen == [False, False] and torch.backends.cudnn.benchmark is True
