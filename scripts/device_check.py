@@ -380,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case[0]} {row['mode']}: {row['seconds_per_epoch']:.2f} s/epoch "
                   f"(warm-up {row['warmup_seconds']:.1f} s)", flush=True)
             save()
-    # the evaluator's fp32 is strict fp32 (no TF32); training keeps torch's defaults
+    # the evaluator's settings: strict fp32 (no TF32), no cuDNN autotuning (training
+    # keeps torch's TF32 defaults and autotunes)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     test = splits.test
     n = min(AGREEMENT_IMAGES, len(test.y))
     x = test.x[:n].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
