@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from defenses.augment_ops import (
-    apply_ops,
+from defenses.augment_ops import apply_ops
+from defenses.augment_regions import (
     crop_shift,
     erase,
     hflip,

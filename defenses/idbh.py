@@ -48,12 +48,14 @@ from bench.state import TrainState
 from defenses._swa import SWA, check_settings
 from defenses.augment_ops import (
     apply_ops,
+    uniform_int,
+)
+from defenses.augment_regions import (
     crop_shift,
     erase,
     hflip,
     sample_crop_shift,
     sample_erase_boxes,
-    uniform_int,
 )
 from defenses.base import Defense, DefenseCard, register_defense
 from defenses.card import BEST_NOT_STATED, FULL_TRAIN, entries

@@ -25,6 +25,7 @@ from bench.engine import Trainer
 from bench.planning import plan_runs
 from bench.records import load_checkpoint
 from defenses import augment_ops as A
+from defenses import augment_regions as R
 from defenses.base import Defense
 from defenses.idbh import (
     _APPLIED,
@@ -148,12 +149,12 @@ def naive_crop_shift(img: torch.Tensor, sx, sy, cx, cy, px, py) -> torch.Tensor:
 def test_crop_shift_pastes_the_window_on_a_zero_canvas(channels):
     x = images(n=64, c=channels, side=28 if channels == 1 else 32) * 0.9 + 0.05  # no zeros
     total = torch.arange(64) % 11
-    params = A.sample_crop_shift(total, gen(3))
+    params = R.sample_crop_shift(total, gen(3))
     sx, sy, cx, cy, px, py = params
     assert torch.equal(sx + sy, total) and (sx >= 0).all() and (sy >= 0).all()
     for corner, size in ((cx, sx), (cy, sy), (px, sx), (py, sy)):
         assert (corner >= 0).all() and (corner <= size).all()
-    out = A.crop_shift(x, *params)
+    out = R.crop_shift(x, *params)
     assert out.shape == x.shape and out.is_contiguous(memory_format=FORMATS[channels])
     for i in range(len(x)):
         p = [int(t[i]) for t in params]
@@ -161,12 +162,12 @@ def test_crop_shift_pastes_the_window_on_a_zero_canvas(channels):
         kept = (out[i] != 0).any(0)  # the canvas outside the window is zero
         assert int(kept.sum()) == (x.shape[2] - p[1]) * (x.shape[3] - p[0])
     zero = torch.zeros(64, dtype=torch.long)
-    assert torch.equal(A.crop_shift(x, *A.sample_crop_shift(zero, gen(0))), x)
+    assert torch.equal(R.crop_shift(x, *R.sample_crop_shift(zero, gen(0))), x)
 
 
 def test_crop_shift_draws_every_split_and_offset():
     total = torch.full((4000,), 10)
-    sx, sy, cx, cy, px, py = A.sample_crop_shift(total, gen(5))
+    sx, sy, cx, cy, px, py = R.sample_crop_shift(total, gen(5))
     assert set(sx.tolist()) == set(range(11))
     assert set(px[sx == 10].tolist()) == set(range(11))
     assert set(cy[sy == 4].tolist()) == set(range(5))
@@ -177,7 +178,7 @@ def test_crop_shift_draws_every_split_and_offset():
 
 def test_erase_boxes_follow_the_published_ranges():
     n, side = 2000, 32
-    top, left, bh, bw = A.sample_erase_boxes(n, side, side, gen(7))
+    top, left, bh, bw = R.sample_erase_boxes(n, side, side, gen(7))
     assert (bh > 0).float().mean() > 0.99 and (bh < side).all() and (bw < side).all()
     area = (bh * bw).float() / side**2
     assert area.min() >= 0.02 * 0.7 and area.max() <= 0.33 * 1.3  # box sides are rounded
@@ -186,10 +187,10 @@ def test_erase_boxes_follow_the_published_ranges():
     assert ratio.min() >= 0.3 * 0.6 and ratio.max() <= 3.3 / 0.6
     assert (top + bh <= side).all() and (left + bw <= side).all() and (top >= 0).all()
     x = images(n=n, side=side) * 0.9 + 0.05
-    out = A.erase(x, top, left, bh, bw)
+    out = R.erase(x, top, left, bh, bw)
     assert torch.equal((out == 0).all(1).sum((1, 2)), bh * bw)  # exactly the box is zero
     empty = torch.zeros(n, dtype=torch.long)
-    assert torch.equal(A.erase(x, top, left, empty, empty), x)
+    assert torch.equal(R.erase(x, top, left, empty, empty), x)
 
 
 # --------------------------------------------------------------------------- the recipe
