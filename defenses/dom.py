@@ -41,7 +41,8 @@ Engine-specific choices:
   reproducible (and resumable), and adding the defense never shifts any other
   randomness of the run. `true` draws per image, on the device, from `self.generator`
   directly. The transforms are torchvision's, batched and without host syncs
-  (`defenses/_dom_da_ops.py`; the default's output equals torchvision's bit for bit).
+  (`defenses/_dom_da_ops.py` and `defenses/_dom_da_batched.py`; the default's output
+  equals torchvision's bit for bit).
 - The warm-up is checked at the start of each batch with the engine's fractional epoch
   (the reference counts the batch as finished, one batch earlier).
 - Thresholds: the paper's Table 1 gives one loss threshold per method and dataset,

@@ -14,7 +14,7 @@ from torchvision.transforms.functional import convert_image_dtype
 
 from bench.config import ConfigError
 from bench.state import TrainState, fixed_convolution_algorithms, seeded_global_rng
-from defenses._dom_da_ops import BatchedAugment
+from defenses._dom_da_batched import BatchedAugment
 from defenses.base import DefenseCard, register_defense
 from defenses.card import BEST_NOT_STATED, FULL_TRAIN, row
 from defenses.dom import (
@@ -45,7 +45,7 @@ def _rounds(defense: str, value: Any) -> int | None:
 
 def build_transform(aug: str) -> BatchedAugment:
     """torchvision's AugMix() or RandAugment() with their default settings (as the
-    reference), batched and without host syncs (defenses/_dom_da_ops.py)."""
+    reference), batched and without host syncs (defenses/_dom_da_batched.py)."""
     return BatchedAugment(aug)
 
 

@@ -18,14 +18,8 @@ from torch import nn
 from torchvision.transforms.autoaugment import _apply_op
 
 from bench.config import ConfigError
-from defenses._dom_da_ops import (
-    AUGMIX_OPS,
-    RANDAUGMENT_OPS,
-    BatchedAugment,
-    apply_code,
-    apply_codes,
-    build_codes,
-)
+from defenses._dom_da_batched import BatchedAugment, apply_code, apply_codes, build_codes
+from defenses._dom_da_ops import AUGMIX_OPS, RANDAUGMENT_OPS
 from defenses.dom_da import DomDA
 
 CPU = torch.device("cpu")
@@ -209,7 +203,7 @@ def test_per_image_depth_masks_layers_past_the_chain_s_depth(monkeypatch):
         seen.append(codes.clone())
         return original(img, table, codes, mode)
 
-    monkeypatch.setattr("defenses._dom_da_ops.apply_codes", spy)
+    monkeypatch.setattr("defenses._dom_da_batched.apply_codes", spy)
     real_randint = torch.randint
 
     def fixed_depth(*args, **kwargs):

@@ -1,7 +1,7 @@
 """Cost of DOM-DA after its warm-up against its base method, PGD-10 AT: blocks of engine
 training steps (small CNN, batches of 128 CIFAR-shaped images, CPU), AT alone, AT+DOM-DA
-with the batched transforms (defenses/_dom_da_ops.py) and AT+DOM-DA with the previous path
-(torchvision's RandAugment / AugMix module called on the flagged sub-batch, or image by
+with the batched transforms (defenses/_dom_da_batched.py) and AT+DOM-DA with the previous
+path (torchvision's RandAugment / AugMix module called on the flagged sub-batch, or image by
 image with per_image), measured alternately in the same run.
 
 The "predicted by passes" figure is the ratio of the passes the engine counts
