@@ -47,11 +47,9 @@ Engine-specific choices:
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.clean_model import CleanRecipe
@@ -66,6 +64,11 @@ from defenses._aroid_policy import (
     log_prob,
     reinforce_loss,
     sample_actions,
+)
+from defenses._aroid_reward import (
+    affinity_loss,
+    reward_chunk_from_environment,
+    vulnerability,
 )
 from defenses._aroid_space import (
     apply_actions,
@@ -82,31 +85,6 @@ GRAD_CLIP, POLICY_MOMENTUM = 1.0, 0.9
 #: the affinity model's training: the reference's 40 epochs of a 200-epoch budget, no
 #: augmentation, lr decays at epochs 20 and 30 (scaled with the suite's epochs)
 AFFINITY_RECIPE = CleanRecipe(augment="none", epoch_share=40 / 200, milestones=(0.5, 0.75))
-
-
-REWARD_CHUNK_VARIABLE = "ROBENCH_AROID_REWARD_CHUNK"
-
-
-def reward_chunk_from_environment() -> int | None:
-    """Trajectories per reward attack call, from ROBENCH_AROID_REWARD_CHUNK: 0 = all T at
-    once; unset = the device's default (`reward_chunk_for`). It changes no result (on the
-    CPU, bit for bit), only memory and speed."""
-    raw = os.environ.get(REWARD_CHUNK_VARIABLE, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise ConfigError(f"aroid: {REWARD_CHUNK_VARIABLE} must be an integer >= 0 (trajectories "
-                          f"per reward attack call; 0 = all at once), got {raw!r}")
-    return int(raw)
-
-
-def reward_chunk_for(device: torch.device, setting: int | None, trajectories: int) -> int:
-    """Trajectories per reward attack call: the setting, else all at once on a GPU (T times
-    fewer kernel launches) and one at a time on the CPU (measured there: one batch of
-    8 x 128 images took 1.7x the time of eight batches of 128)."""
-    if setting is None:
-        return trajectories if device.type == "cuda" else 1
-    return setting or trajectories
 
 
 @register_defense("aroid")
@@ -278,51 +256,15 @@ class AROID(Defense):
 
     def _vulnerability(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
                        trajectories: int = 1) -> torch.Tensor:
-        """CE of the target on a short PGD of x^ minus its CE on x^, in eval mode, for
-        `trajectories` whole trajectories (rows trajectory-major), `reward_chunk` of them
-        per attack call (0: all at once)."""
-        per = reward_chunk_for(x_aug.device, self.reward_chunk, trajectories)
-        n = x_aug.shape[0] // trajectories
-        parts = []
-        for first in range(0, trajectories, per):
-            k = min(per, trajectories - first)
-            rows = slice(first * n, (first + k) * n)
-            parts.append(self._vulnerability_chunk(state, x_aug[rows], y[rows], k))
-        return torch.cat(parts)
-
-    def _vulnerability_chunk(self, state: TrainState, x_aug: torch.Tensor, y: torch.Tensor,
-                             batches: int) -> torch.Tensor:
-        """r_vul on `batches` policy batches' worth of images; passes counted per batch
-        (one forward of k batches counts k, as k separate forwards would)."""
-        model = state.model
-        was_training = model.training
-        model.eval()
-        before = state.counter.forward, state.counter.input_backward
-        try:
-            with torch.no_grad(), state.autocast():
-                ce_aug = F.cross_entropy(model(x_aug).float(), y, reduction="none")
-            step = state.eps if self.reward_steps == 1 else state.eps / 4
-            x_adv = state.attack(x_aug, y, steps=self.reward_steps, step_size=step,
-                                 random_start=False, attack_bn="eval")
-            with torch.no_grad(), state.autocast():
-                ce_adv = F.cross_entropy(model(x_adv).float(), y, reduction="none")
-        finally:
-            model.train(was_training)
-        fwd, bwd = state.counter.forward - before[0], state.counter.input_backward - before[1]
-        state.counter.add(fwd=(batches - 1) * fwd + 2 * batches, input_bwd=(batches - 1) * bwd)
-        return ce_adv - ce_aug
+        """r_vul per image (`_aroid_reward.vulnerability`)."""
+        return vulnerability(state, x_aug, y, trajectories, self.reward_chunk,
+                             self.reward_steps)
 
     def _affinity_loss(self, state: TrainState, x: torch.Tensor, y: torch.Tensor,
                        batches: int = 1) -> torch.Tensor:
-        """CE of the affinity model (eval mode) per image; counts `batches` forwards."""
+        """CE of the affinity model per image (`_aroid_reward.affinity_loss`)."""
         assert self.affinity is not None
-        per = reward_chunk_for(x.device, self.reward_chunk, batches) * (x.shape[0] // batches)
-        with torch.no_grad(), state.autocast():
-            ce = torch.cat([F.cross_entropy(self.affinity.eval()(part).float(), labels,
-                                            reduction="none")
-                            for part, labels in zip(x.split(per), y.split(per), strict=True)])
-        state.counter.add(fwd=batches)
-        return ce
+        return affinity_loss(state, self.affinity, x, y, batches, self.reward_chunk)
 
     # ---- checkpoint -------------------------------------------------------------
     def get_extra_state(self) -> Any:

@@ -655,7 +655,7 @@ def test_reward_chunk_is_not_a_parameter_of_the_run(monkeypatch):
 
 
 def test_reward_chunk_defaults_to_the_device():
-    from defenses.aroid import reward_chunk_for
+    from defenses._aroid_reward import reward_chunk_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert reward_chunk_for(cpu, None, 8) == 1 and reward_chunk_for(cuda, None, 8) == 8
