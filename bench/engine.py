@@ -38,10 +38,10 @@ for epoch:
     validation curves                  engine-owned, on a hook-free copy of the model
     eval_models(state) -> {name: module}  only names in `extra_models`, each of the suite's
                                        architecture: saved as state_dicts in the checkpoint
-    checkpoints                        snapshotted to host memory now; best.pt (if
-                                       validation improved) and last.pt from one
-                                       serialisation, then history.jsonl, written in
-                                       the background while the next epoch trains
+    checkpoints                        best.pt (if validation improved), last.pt, then
+                                       history.jsonl; on CUDA snapshotted to host memory
+                                       now, serialised once and written in the
+                                       background while the next epoch trains
 ```
 
 Every hook call goes through `bench.hooks.HookGuard`: an exception raised by defense
@@ -496,9 +496,9 @@ class Trainer:
 
     def _epochs(self, state: TrainState, stop_after_epochs: int | None, history: list[dict],
                 best: dict, seconds: float, writer: CheckpointWriter, bar) -> int:
-        """The epoch loop of `train`; returns the best epoch. Each epoch's checkpoint is
-        snapshotted here and written by `writer` in the background (best.pt and last.pt
-        from one serialisation, then history.jsonl) while the next epoch trains."""
+        """The epoch loop of `train`; returns the best epoch. Each epoch's checkpoint
+        (best.pt, last.pt, then history.jsonl) is written by `writer`: on CUDA from a
+        snapshot, in the background while the next epoch trains; elsewhere at once."""
         epochs = self.suite.train.epochs
         while state.epoch < epochs:
             if stop_after_epochs is not None and state.epoch >= stop_after_epochs:
@@ -535,7 +535,7 @@ class Trainer:
             if improved:
                 best = {"epoch": state.epoch, "val_robust": val.robust}
             payload = self._payload(state, history, best, seconds)
-            # one serialisation for both files; history.jsonl only once last.pt is on disk
+            # history.jsonl only once last.pt is on disk
             writer.submit(payload, ([self.run_dir / "best.pt"] if improved else [])
                           + [self.run_dir / "last.pt"],
                           then=functools.partial(write_history, self.run_dir / "history.jsonl",
