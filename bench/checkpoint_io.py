@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -140,9 +139,6 @@ class CheckpointWriter:
         self._failure: BaseException | None = None
         self._what = ""
         self._where = ""
-        # CPU seconds the writer thread has spent (counted once a write ends): the engine
-        # takes them out of the process CPU time it reports for training
-        self.cpu_seconds = 0.0
         self._buffers: list = []  # (pool key, host buffer) of the write in flight
         self._pool: dict[tuple[int, bool], list[torch.Tensor]] = {}  # free after a write
 
@@ -173,7 +169,6 @@ class CheckpointWriter:
         `stream`: torch.save straight into each file (on the training thread: overlapping
         serialisation with the disk beats serialising once and writing the bytes twice,
         measured on the CPU); else serialise once into memory and write those bytes."""
-        start = time.thread_time()
         try:
             for event in events:
                 event.synchronize()
@@ -189,8 +184,6 @@ class CheckpointWriter:
                 then()
         except BaseException as exc:  # handed to the training thread by wait()/check()
             self._failure = exc
-        finally:
-            self.cpu_seconds += time.thread_time() - start
 
     @property
     def busy(self) -> bool:
