@@ -73,7 +73,6 @@ PHASE = 0.75  # the point of training the cases are timed at
 AGREEMENT_IMAGES = 1000
 TARGETS = {"eager": 8.0, "compiled": 5.0}  # PGD-AT s/epoch on one H100
 PASS_TARGET = 1.5  # a defense's cost over what its passes predict
-COMPILE_BACKEND = ["inductor"]  # --compile-backend (tests: aot_eager, fast to build)
 
 
 def _sync(device: torch.device) -> None:
@@ -94,12 +93,13 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def _trainer(suite: Suite, method: str, defenses: tuple[str, ...], bf16: bool, splits,
-             device: torch.device, folder: Path, compile_mode: str | None):
+             device: torch.device, folder: Path, compile_mode: str | None,
+             compile_backend: str = "inductor"):
     """A trainer with its defenses set up (a clean model, where asked for, is untrained)."""
     spec = RunSpec(suite.name, method, tuple(parse_defense_arg(d) for d in defenses), 0)
     trainer = Trainer(spec, suite, splits, folder, device=device, progress=False,
                       mixed_precision=bf16, channels_last=True,
-                      compile=compile_mode or False, compile_backend=COMPILE_BACKEND[0])
+                      compile=compile_mode or False, compile_backend=compile_backend)
     state = trainer.build()
     if any("clean_model" in d.capabilities for d in trainer.defenses):
         state.clean_model = trainer._fresh_model().eval().requires_grad_(False)
@@ -156,11 +156,12 @@ def full_epoch(suite: Suite, splits, device: torch.device, folder: Path):
 
 
 def timed_steps(case: tuple, suite: Suite, splits, device: torch.device, folder: Path,
-                compile_mode: str | None, warmup: int, steps: int) -> dict:
+                compile_mode: str | None, warmup: int, steps: int,
+                compile_backend: str = "inductor") -> dict:
     """`warmup` then `steps` timed training steps of a case at PHASE of training."""
     label, _, method, defenses, bf16 = case
     trainer, state = _trainer(suite, method, defenses, bf16, splits, device, folder,
-                              compile_mode)
+                              compile_mode, compile_backend)
     state.epoch = min(suite.train.epochs - 1, int(PHASE * suite.train.epochs))
     state.step = state.epoch * state.batches_per_epoch
     trainer.model.train()
@@ -329,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="device_check.json")
     args = parser.parse_args(argv)
-    COMPILE_BACKEND[0] = args.compile_backend
     device = pick_device(args.device)
     if device.type != "cuda" and not args.tiny:
         print("device_check: error: no CUDA device; use --tiny for the CPU check",
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (case, mode) in enumerate(runs):
             case_suite, case_splits = suite_and_splits(case[1])
             row = timed_steps(case, case_suite, case_splits, device, Path(folder) / f"c{i}",
-                              mode, warmup, steps)
+                              mode, warmup, steps, args.compile_backend)
             report["cases"].append(row)
             add_ratios(report["cases"])
             print(f"{case[0]} {row['mode']}: {row['seconds_per_epoch']:.2f} s/epoch "
